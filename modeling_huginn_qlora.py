@@ -1,0 +1,649 @@
+"""Huginn-0125, the recurrent-depth ("latent reasoning") language model, for transformers 5.
+
+Loads the published checkpoint (`tomg-group-umd/huginn-0125`, model_type `huginn_raven`) without
+`trust_remote_code`, honours padding masks, trains with QLoRA (NF4 base + PEFT LoRA) and generates with a
+preallocated KV cache whose recurrent-step slots can be shared.
+
+    from modeling_huginn_qlora import HuginnForCausalLM          # registers the Auto classes
+    model = AutoModelForCausalLM.from_pretrained("tomg-group-umd/huginn-0125", dtype=torch.bfloat16)
+    out = model(input_ids, attention_mask=mask, labels=labels, num_steps=(24, 8))
+    tokens = model.generate(input_ids, attention_mask=mask, num_steps=32, max_new_tokens=256)
+
+The model: embed -> prelude blocks -> e; state s0 (random, zero or given);
+s <- core_blocks(adapter([s, e])) repeated `num_steps` times; ln_f -> coda blocks -> ln_f -> tied head.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    BitsAndBytesConfig,
+    GenerationConfig,
+    GenerationMixin,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.utils import ModelOutput
+
+
+class HuginnConfig(PreTrainedConfig):
+    """Reads the published `config.json` field names; `auto_map` and bookkeeping fields are kept but unused."""
+
+    model_type = "huginn_raven"
+
+    vocab_size: int = 65536
+    padding_multiple: int = 4096
+    padded_vocab_size: int | None = None
+    block_size: int = 4096
+    n_embd: int = 5280
+    num_attention_heads: int = 55
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    intermediate_size: int = 17920
+    n_layers_in_prelude: int = 2
+    n_layers_in_recurrent_block: int = 4
+    n_layers_in_coda: int = 2
+    norm_eps: float = 1e-6
+    rope_base: int | float = 50000
+    qk_bias: bool = True
+    bias: bool = False
+    mean_recurrence: int = 32
+    mean_backprop_depth: int = 8
+    tie_embeddings: bool = True
+    tie_word_embeddings: bool = True
+    init_values: dict | None = None
+    bos_token_id: int | None = 65504
+    eos_token_id: int | list[int] | None = 65505
+    pad_token_id: int | None = 65509
+
+    def __post_init__(self, **kwargs):
+        # The reference writes `n_heads` next to (or instead of) `num_attention_heads`.
+        self.num_attention_heads = kwargs.pop("n_heads", self.num_attention_heads)
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.n_embd // self.num_attention_heads
+        if self.padded_vocab_size is None:
+            self.padded_vocab_size = math.ceil(self.vocab_size / self.padding_multiple) * self.padding_multiple
+        self.tie_word_embeddings = self.tie_embeddings
+        if self.init_values is None:
+            std = math.sqrt(2 / (5 * self.n_embd))  # "takase" init, also the scale of the random initial state
+            self.init_values = {"std": std, "embedding": std, "embed_scale": math.sqrt(self.n_embd)}
+        super().__post_init__(**kwargs)
+
+    def validate_architecture(self):
+        if self.n_embd % self.num_attention_heads:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by num_attention_heads={self.num_attention_heads}")
+        if self.head_dim * self.num_attention_heads != self.n_embd:
+            raise ValueError(f"head_dim={self.head_dim} x {self.num_attention_heads} heads != n_embd={self.n_embd}")
+        if self.num_key_value_heads != self.num_attention_heads:
+            raise ValueError("Huginn has no grouped-query attention: num_key_value_heads must equal num_attention_heads")
+
+
+def nf4_quantization_config(compute_dtype: torch.dtype = torch.bfloat16) -> BitsAndBytesConfig:
+    """QLoRA's NF4 + double quantization. The tied embedding/head stays in `compute_dtype` (it is an Embedding and
+    the largest matrix the loss reads); norms and qk_bias are not Linear layers and are never quantized. The
+    adapter, which re-injects the prelude output into the state at every recurrent step, stays unquantized too:
+    its error would be added 32 times per token, and it is only 2% of the weights."""
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        llm_int8_skip_modules=["lm_head", "transformer.adapter"],
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class HuginnRMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()  # statistics in fp32, weight applied after casting back (as the checkpoint was trained)
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of RoPE angles for interleaved pairs, in fp32, each (batch, seq, 1, head_dim // 2).
+
+    Computed from per-row positions (not a shared table) so a left-padded row sees the same angles as alone."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
+    angles = position_ids.float()[..., None] * inv_freq  # (batch, seq, head_dim // 2)
+    return angles.cos()[:, :, None], angles.sin()[:, :, None]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (2i, 2i+1) of x (batch, seq, heads, head_dim) in fp32."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # (batch, seq, heads, head_dim // 2, 2)
+    even, odd = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class HuginnKVCache:
+    """Preallocated keys/values for every cached block pass of a batch.
+
+    Layer slots: prelude blocks, then `num_step_slots` copies of the core blocks, then coda blocks. Recurrent step
+    `s` writes core slot `s % num_step_slots`: with `num_step_slots == num_steps` each step keeps its own cache
+    (exact); with fewer, later steps overwrite earlier ones and a token attends to the most recent step of the same
+    slot for earlier tokens (the authors' cache sharing), so cache memory does not grow with depth.
+    """
+
+    def __init__(self, config: HuginnConfig, batch_size: int, max_length: int, num_step_slots: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.num_prelude = config.n_layers_in_prelude
+        self.num_core = config.n_layers_in_recurrent_block
+        self.num_step_slots = num_step_slots
+        num_layers = self.num_prelude + self.num_core * num_step_slots + config.n_layers_in_coda
+        shape = (num_layers, batch_size, config.num_key_value_heads, max_length, config.head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)  # (layers, batch, heads, max_len, head_dim)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0  # tokens already stored; advanced by the model after a whole forward
+
+    def prelude_layer(self, block: int) -> int:
+        return block
+
+    def core_layer(self, step: int, block: int) -> int:
+        return self.num_prelude + (step % self.num_step_slots) * self.num_core + block
+
+    def coda_layer(self, block: int) -> int:
+        return self.num_prelude + self.num_step_slots * self.num_core + block
+
+    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write (batch, heads, new, head_dim) at the current offset; return all keys/values up to it."""
+        end = self.length + keys.shape[2]
+        if end > self.keys.shape[3]:
+            raise ValueError(f"KV cache holds {self.keys.shape[3]} tokens, {end} requested")
+        self.keys[layer, :, :, self.length:end] = keys
+        self.values[layer, :, :, self.length:end] = values
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def nbytes_per_token(self) -> int:
+        per_layer_token = self.keys.shape[2] * self.keys.shape[4] * self.keys.element_size() * 2  # keys + values
+        return self.keys.shape[0] * per_layer_token
+
+
+class HuginnAttention(nn.Module):
+    def __init__(self, config: HuginnConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        self.Wqkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        if config.qk_bias:
+            self.qk_bias = nn.Parameter(torch.zeros(2, 1, self.num_heads, self.head_dim))
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x, rope, attn_mask, cache: HuginnKVCache | None, layer: int) -> torch.Tensor:
+        batch, seq, dim = x.shape
+        q, k, v = self.Wqkv(x).view(batch, seq, 3, self.num_heads, self.head_dim).unbind(2)  # (batch, seq, heads, hd)
+        if hasattr(self, "qk_bias"):
+            q, k = q + self.qk_bias[0], k + self.qk_bias[1]
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (batch, heads, seq, head_dim)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        if attn_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj(y.transpose(1, 2).reshape(batch, seq, dim))
+
+
+class HuginnMLP(nn.Module):
+    def __init__(self, config: HuginnConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, 2 * config.intermediate_size, bias=False)
+        self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.fc(x).chunk(2, dim=-1)
+        return self.proj(F.silu(gate) * up)
+
+
+class HuginnBlock(nn.Module):
+    """The "sandwich" block: a norm after each residual sum as well as before each sub-layer."""
+
+    def __init__(self, config: HuginnConfig):
+        super().__init__()
+        self.norm_1, self.norm_2, self.norm_3, self.norm_4 = (
+            HuginnRMSNorm(config.n_embd, config.norm_eps) for _ in range(4))
+        self.attn = HuginnAttention(config)
+        self.mlp = HuginnMLP(config)
+
+    def forward(self, x, rope, attn_mask, cache, layer):
+        x = self.norm_2(self.attn(self.norm_1(x), rope, attn_mask, cache, layer) + x)
+        return self.norm_4(self.mlp(self.norm_3(x)) + x)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Recurrence control: depth sampling and initial states
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class HuginnDepthSampler:
+    """Pretraining's depth distribution: total steps ~ 1 + Poisson(LogNormal) with mean `mean_recurrence`, of which
+    the last min(total, `mean_backprop_depth`) carry gradient. Own generator, so runs are reproducible and a
+    checkpoint can save and restore it (`state_dict` / `load_state_dict`)."""
+
+    sigma = 0.5
+
+    def __init__(self, mean_recurrence: int, mean_backprop_depth: int, seed: int = 0):
+        self.mean_recurrence, self.mean_backprop_depth = mean_recurrence, mean_backprop_depth
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def manual_seed(self, seed: int) -> None:
+        self.generator.manual_seed(seed)
+
+    def sample(self) -> tuple[int, int]:
+        mu = math.log(self.mean_recurrence) - self.sigma**2 / 2  # so that the lognormal's mean is mean_recurrence
+        rate = torch.exp(mu + self.sigma * torch.randn((), generator=self.generator))
+        total = int(torch.poisson(rate, generator=self.generator)) + 1
+        with_grad = min(self.mean_backprop_depth, total)
+        return total - with_grad, with_grad
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixer (lowbias32) on int64 tensors holding values in [0, 2**32)."""
+    mask = 0xFFFFFFFF
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & mask
+    x = ((x ^ (x >> 15)) * 0x846CA68B) & mask
+    return x ^ (x >> 16)
+
+
+def seeded_truncated_normal(seeds: torch.Tensor, position_ids: torch.Tensor, dim: int) -> torch.Tensor:
+    """Standard normal truncated at +-3, a pure function of (row seed, token position, channel): (batch, seq, dim).
+
+    A counter-based draw (not a stateful RNG), so the initial state of a token is the same whether the sequence
+    is run whole (training, scoring) or token by token (generation), and whatever the padding."""
+    mask = 0xFFFFFFFF
+    row = _hash32(seeds.long()[:, None] & mask)
+    token = _hash32(row ^ (position_ids.long() & mask))  # (batch, seq)
+    channel = torch.arange(dim, device=seeds.device, dtype=torch.long) * 0x9E3779B9 & mask
+    bits = _hash32(token[..., None] ^ channel)  # (batch, seq, dim)
+    uniform = (bits.double() + 0.5) / 2**32
+    lo, hi = 0.5 * math.erfc(3 / math.sqrt(2)), 0.5 * math.erfc(-3 / math.sqrt(2))  # Phi(-3), Phi(3)
+    return (math.sqrt(2) * torch.erfinv(2 * (lo + uniform * (hi - lo)) - 1)).float()
+
+
+# Own output classes: transformers 5.x renames the cache field of its stock outputs between minor versions;
+# `cache` is the HuginnKVCache a forward with `past_key_values` wrote to.
+@dataclass
+class HuginnModelOutput(ModelOutput):
+    """`last_hidden_state` (batch, seq, n_embd) after the final norm; `latent_states`: the recurrent state after the
+    last step, before `ln_f` (feed it back as `input_states`); `num_steps`: (steps without grad, steps with grad)."""
+
+    last_hidden_state: torch.Tensor | None = None
+    cache: "HuginnKVCache | None" = None
+    latent_states: torch.Tensor | None = None
+    num_steps: tuple[int, int] | None = None
+
+
+@dataclass
+class HuginnCausalLMOutput(ModelOutput):
+    """`loss`: mean next-token cross entropy over supervised tokens; `logits` (batch, kept positions, vocab), fp32."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    cache: "HuginnKVCache | None" = None
+    latent_states: torch.Tensor | None = None
+    num_steps: tuple[int, int] | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class HuginnPreTrainedModel(PreTrainedModel):
+    config_class = HuginnConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["HuginnBlock"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """The published "takase" init: std sqrt(2/(5 d)) everywhere, output projections scaled down by depth."""
+        std = self.config.init_values["std"]
+        out_std = std / math.sqrt(2 * (self.config.mean_recurrence * self.config.n_layers_in_recurrent_block
+                                      + self.config.n_layers_in_prelude + self.config.n_layers_in_coda))
+        if isinstance(module, (HuginnAttention, HuginnMLP)):
+            nn.init.trunc_normal_(module.proj.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
+            first = module.Wqkv if isinstance(module, HuginnAttention) else module.fc
+            nn.init.trunc_normal_(first.weight, std=std, a=-3 * std, b=3 * std)
+            if isinstance(module, HuginnAttention) and hasattr(module, "qk_bias"):
+                module.qk_bias.zero_()
+        elif isinstance(module, nn.Embedding):
+            emb_std = self.config.init_values["embedding"]
+            nn.init.trunc_normal_(module.weight, std=emb_std, a=-3 * emb_std, b=3 * emb_std)
+        elif isinstance(module, HuginnRMSNorm):
+            module.weight.fill_(1.0)
+        elif isinstance(module, HuginnModel):
+            nn.init.trunc_normal_(module.adapter.weight, std=std, a=-3 * std, b=3 * std)
+
+
+class HuginnModel(HuginnPreTrainedModel):
+    """The backbone: embedding, prelude, recurrent core, coda and final norm; returns normalised hidden states."""
+
+    def __init__(self, config: HuginnConfig):
+        super().__init__(config)
+        self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
+        self.prelude = nn.ModuleList(HuginnBlock(config) for _ in range(config.n_layers_in_prelude))
+        self.adapter = nn.Linear(2 * config.n_embd, config.n_embd, bias=config.bias)
+        self.core_block = nn.ModuleList(HuginnBlock(config) for _ in range(config.n_layers_in_recurrent_block))
+        self.coda = nn.ModuleList(HuginnBlock(config) for _ in range(config.n_layers_in_coda))
+        self.ln_f = HuginnRMSNorm(config.n_embd, config.norm_eps)
+        self.gradient_checkpointing = False
+        self.depth_sampler = HuginnDepthSampler(config.mean_recurrence, config.mean_backprop_depth)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.wte
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.wte = value
+
+    def resolve_num_steps(self, num_steps) -> tuple[int, int]:
+        """(steps without grad, steps with grad) from an int, a pair, a tensor, or None (sample when training)."""
+        if num_steps is None:
+            if self.training:
+                return self.depth_sampler.sample()
+            return 0, self.config.mean_recurrence
+        if isinstance(num_steps, torch.Tensor):
+            num_steps = num_steps.tolist()
+        if isinstance(num_steps, int):
+            return 0, num_steps
+        no_grad, with_grad = (int(n) for n in num_steps)
+        return no_grad, with_grad
+
+    def initial_state(self, embedded, position_ids, init_state: str, state_seeds) -> torch.Tensor:
+        """The state the recurrence starts from: "random" as published (std * embed_scale, truncated at 3 std;
+        per-row reproducible when `state_seeds` (batch,) are given) or "zero"."""
+        if init_state == "zero":
+            return torch.zeros_like(embedded)
+        if init_state != "random":
+            raise ValueError(f"init_state must be 'random' or 'zero', got {init_state!r}")
+        if state_seeds is not None:
+            noise = seeded_truncated_normal(state_seeds.to(embedded.device), position_ids, embedded.shape[-1])
+        else:
+            noise = nn.init.trunc_normal_(torch.empty(embedded.shape, device=embedded.device), a=-3.0, b=3.0)
+        scale = self.config.init_values["std"] * self.config.init_values["embed_scale"]
+        return (noise * scale).to(embedded.dtype)
+
+    def core_step(self, state, embedded, rope, attn_mask, cache, step: int) -> torch.Tensor:
+        state = self.adapter(torch.cat([state, embedded], dim=-1))
+        for block_idx, block in enumerate(self.core_block):
+            layer = cache.core_layer(step, block_idx) if cache is not None else 0
+            state = block(state, rope, attn_mask, cache, layer)
+        return state
+
+    def recur(self, state, embedded, rope, attn_mask, cache, steps_no_grad: int, steps_with_grad: int):
+        """The heart of Huginn: apply the core `steps_no_grad + steps_with_grad` times; only the last
+        `steps_with_grad` steps are recorded for backprop (truncated BPTT), each checkpointed when enabled."""
+        with torch.no_grad():
+            for step in range(steps_no_grad):
+                state = self.core_step(state, embedded, rope, attn_mask, cache, step)
+        checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for step in range(steps_no_grad, steps_no_grad + steps_with_grad):
+            if checkpointed:  # keep only the step's input; recompute its blocks in backward
+                state = checkpoint(self.core_step, state, embedded, rope, attn_mask, cache, step, use_reentrant=False)
+            else:
+                state = self.core_step(state, embedded, rope, attn_mask, cache, step)
+        return state
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        past_key_values: HuginnKVCache | None = None,
+        use_cache: bool | None = None,
+        num_steps: int | tuple[int, int] | None = None,
+        input_states: torch.Tensor | None = None,
+        init_state: str = "random",
+        state_seeds: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> HuginnModelOutput:
+        """input_ids (batch, seq); attention_mask (batch, past + seq), 1 = real token, any padding side;
+        num_steps: int n (n steps), (no_grad, with_grad), or None (sampled in training, mean_recurrence in eval);
+        input_states (batch, seq, n_embd) starts the recurrence instead of `init_state` ("random" or "zero")."""
+        if inputs_embeds is None:
+            inputs_embeds = self.wte(input_ids)
+        x = inputs_embeds * self.config.init_values["embed_scale"]
+        batch, seq = x.shape[:2]
+        cache = past_key_values if use_cache is not False else None
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = default_position_ids(attention_mask, batch, past, seq, x.device)
+        rope = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_base)
+        attn_mask = build_attention_mask(attention_mask, past, seq, x.device)
+
+        for block_idx, block in enumerate(self.prelude):
+            x = block(x, rope, attn_mask, cache, cache.prelude_layer(block_idx) if cache is not None else 0)
+        embedded = x
+        state = input_states if input_states is not None else self.initial_state(
+            embedded, position_ids, init_state, state_seeds)
+        steps = self.resolve_num_steps(num_steps)
+        state = self.recur(state.to(embedded.dtype), embedded, rope, attn_mask, cache, *steps)
+
+        x = self.ln_f(state)
+        for block_idx, block in enumerate(self.coda):
+            x = block(x, rope, attn_mask, cache, cache.coda_layer(block_idx) if cache is not None else 0)
+        x = self.ln_f(x)
+        if cache is not None:
+            cache.length += seq
+        self.last_num_steps = steps  # read by training callbacks that log the sampled depth
+        return HuginnModelOutput(last_hidden_state=x, cache=cache, latent_states=state, num_steps=steps)
+
+
+def default_position_ids(attention_mask, batch: int, past: int, seq: int, device) -> torch.LongTensor:
+    """Positions count real tokens only, so a left-padded row gets the positions it has when run alone."""
+    if attention_mask is None:
+        return torch.arange(past, past + seq, device=device).expand(batch, seq)
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
+
+
+def build_attention_mask(attention_mask, past: int, seq: int, device) -> torch.Tensor | None:
+    """Boolean (batch, 1, seq, past + seq) mask: causal and not padding. None means plain causal attention, used
+    when nothing is padded or padding is only on the right of an uncached batch (real tokens never see it)."""
+    if attention_mask is None:
+        return None if past == 0 else torch.ones(1, 1, seq, past + seq, dtype=torch.bool, device=device)
+    keys_valid = attention_mask.bool()  # (batch, past + seq)
+    if past == 0 and not (keys_valid[:, 1:] & ~keys_valid[:, :-1]).any():  # no real token after a pad: right padding
+        return None
+    query_pos = torch.arange(past, past + seq, device=device)[:, None]
+    key_pos = torch.arange(past + seq, device=device)[None, :]
+    allowed = (key_pos <= query_pos)[None] & keys_valid[:, None, :]  # (batch, seq, past + seq)
+    allowed = allowed | (key_pos == query_pos)[None]  # a pad query sees itself, so softmax never gets an empty row
+    return allowed[:, None]
+
+
+def chunked_causal_lm_loss(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor,
+                           num_items_in_batch=None, chunk_tokens: int = 1024) -> torch.Tensor:
+    """Next-token cross entropy over supervised tokens (labels != -100, shifted here), mean over them (or sum /
+    `num_items_in_batch` when the trainer counts tokens across accumulation steps).
+
+    Only supervised positions go through the head, `chunk_tokens` at a time, each chunk checkpointed: the
+    fp32 logits of at most one chunk ever exist, in forward and in backward."""
+    shifted = labels[:, 1:].to(hidden.device)
+    keep = shifted != -100
+    states, targets = hidden[:, :-1][keep], shifted[keep]  # (tokens, n_embd), (tokens,)
+    total = hidden.new_zeros((), dtype=torch.float32) + 0.0 * hidden.sum()  # stays in the graph with no targets
+
+    def chunk_nll(h, y):
+        return F.cross_entropy(lm_head(h).float(), y, reduction="sum")
+
+    for start in range(0, targets.numel(), chunk_tokens):
+        h, y = states[start:start + chunk_tokens], targets[start:start + chunk_tokens]
+        total = total + (checkpoint(chunk_nll, h, y, use_reentrant=False) if h.requires_grad else chunk_nll(h, y))
+    denominator = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1)
+    return total / denominator
+
+
+class HuginnForCausalLM(HuginnPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+
+    def __init__(self, config: HuginnConfig):
+        super().__init__(config)
+        self.transformer = HuginnModel(config)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        # The published state dict holds the RoPE table; we keep the key so checkpoints round-trip, but compute the
+        # angles from positions in fp32 (a bf16 load would round the table; padded rows need per-row positions).
+        self.register_buffer("freqs_cis", self._rope_table(), persistent=True)
+        self.post_init()
+
+    def _rope_table(self) -> torch.Tensor:
+        cos, sin = rotary_cos_sin(torch.arange(self.config.block_size)[None], self.config.head_dim,
+                                  self.config.rope_base)
+        return torch.stack([cos, sin], dim=-1)  # (1, block_size, 1, head_dim // 2, 2)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: HuginnKVCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        num_steps: int | tuple[int, int] | None = None,
+        input_states: torch.Tensor | None = None,
+        init_state: str = "random",
+        state_seeds: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        return_logits: bool | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        **kwargs,
+    ) -> HuginnCausalLMOutput:
+        """labels (batch, seq): the targets aligned with input_ids (shifted inside); -100 is not supervised; loss is
+        the mean over supervised tokens. With labels, logits are not built unless `return_logits=True` (the loss
+        never needs the full (batch, seq, vocab) tensor). `logits_to_keep`: last k positions (0 = all) or indices."""
+        out = self.transformer(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            inputs_embeds=inputs_embeds, past_key_values=past_key_values, use_cache=use_cache,
+            num_steps=num_steps, input_states=input_states, init_state=init_state, state_seeds=state_seeds,
+        )
+        hidden = out.last_hidden_state
+        loss = None
+        if labels is not None:
+            loss = chunked_causal_lm_loss(hidden, self.lm_head, labels, num_items_in_batch)
+        logits = None
+        if return_logits or (return_logits is None and labels is None):
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden[:, keep]).float()
+        return HuginnCausalLMOutput(loss=loss, logits=logits, cache=out.cache,
+                                    latent_states=out.latent_states, num_steps=out.num_steps)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        num_steps: int | None = None,
+        kv_cache_slots: int | None = None,
+        init_state: str = "random",
+        state_seeds: torch.LongTensor | None = None,
+        generator: torch.Generator | None = None,
+        **kwargs,
+    ) -> torch.LongTensor:
+        """Cached, batched decoding of (left-)padded prompts; returns (batch, prompt + new) token ids, rows padded
+        with pad_token_id after their end. Greedy unless `do_sample`; `temperature`, `top_k`, `top_p`,
+        `max_new_tokens` and `eos_token_id` (an int or a list: generation stops on any) come from
+        `generation_config` or kwargs. `num_steps` recurrent steps per token (default `mean_recurrence`);
+        `kv_cache_slots` k < num_steps shares core cache slots across steps (slot = step mod k)."""
+        config = _merge_generation_config(generation_config or self.generation_config, kwargs)
+        num_steps = self.config.mean_recurrence if num_steps is None else num_steps
+        total_steps = sum(self.transformer.resolve_num_steps(num_steps))
+        batch, prompt_len = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        eos_ids = torch.tensor(_as_list(config.eos_token_id), device=input_ids.device)
+        pad_id = config.pad_token_id if config.pad_token_id is not None else int(eos_ids[0])
+        warpers = _sampling_warpers(config)
+        cache = HuginnKVCache(self.config, batch, prompt_len + config.max_new_tokens,
+                              min(kv_cache_slots or total_steps, total_steps), self.lm_head.weight.dtype
+                              if self.lm_head.weight.is_floating_point() else torch.bfloat16, input_ids.device)
+        step_kwargs = dict(past_key_values=cache, use_cache=True, num_steps=num_steps, init_state=init_state,
+                           state_seeds=state_seeds, logits_to_keep=1)
+        logits = self(input_ids, attention_mask=attention_mask, **step_kwargs).logits[:, -1]
+        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        new_tokens = []
+        for _ in range(config.max_new_tokens):
+            if config.do_sample:
+                probs = warpers(None, logits).softmax(-1)
+                token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            else:
+                token = logits.argmax(-1)
+            token = token.masked_fill(finished, pad_id)
+            new_tokens.append(token)
+            finished |= torch.isin(token, eos_ids)
+            if bool(finished.all()) or len(new_tokens) == config.max_new_tokens:
+                break
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
+            logits = self(token[:, None], attention_mask=attention_mask, **step_kwargs).logits[:, -1]
+        return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
+
+
+def _as_list(value) -> list[int]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _merge_generation_config(base: GenerationConfig, overrides: dict) -> GenerationConfig:
+    config = GenerationConfig(**{**base.to_dict(), **overrides})
+    if config.max_new_tokens is None:
+        config.max_new_tokens = 256
+    if config.eos_token_id is None:
+        raise ValueError("generation needs eos_token_id (Huginn stops on <|end_text|> and <|end_turn|>)")
+    return config
+
+
+def _sampling_warpers(config: GenerationConfig) -> LogitsProcessorList:
+    warpers = LogitsProcessorList()
+    if config.temperature is not None and config.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(config.temperature))
+    if config.top_k:
+        warpers.append(TopKLogitsWarper(config.top_k))
+    if config.top_p is not None and config.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(config.top_p))
+    return warpers
+
+
+AutoConfig.register("huginn_raven", HuginnConfig, exist_ok=True)
+AutoModel.register(HuginnConfig, HuginnModel, exist_ok=True)
+AutoModelForCausalLM.register(HuginnConfig, HuginnForCausalLM, exist_ok=True)

@@ -1,0 +1,177 @@
+"""The embedded tiny default: a small Huginn-architecture model with a local tokenizer, and tiny math datasets in
+the real datasets' schemas, so every script runs offline through the same code paths as huginn-0125.
+
+    python tiny.py --output_dir outputs/tiny-huginn            # model + tokenizer directory
+    python tiny.py --output_dir outputs/tiny-data --data_only   # sft/rl/eval JSONL files
+
+Scripts accept `--model_name_or_path tiny-huginn`: `resolve_model_path` builds it on first use.
+"""
+
+import argparse
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import GenerationConfig, PreTrainedTokenizerFast
+
+from modeling_huginn_qlora import HuginnConfig, HuginnForCausalLM
+
+TINY_MODEL_NAME = "tiny-huginn"
+CACHE_DIR = Path(os.environ.get("TINYMATH_CACHE", Path.home() / ".cache" / "tinymath-huginn"))
+
+# Huginn's special tokens (ids 65504..65509 in the real vocabulary; here they follow the 256 byte tokens).
+BOS, EOS, BEGIN_HEADER, END_HEADER, END_TURN, PAD = (
+    "<|begin_text|>", "<|end_text|>", "<|begin_header|>", "<|end_header|>", "<|end_turn|>", "<|pad|>")
+SPECIAL_TOKENS = [BOS, EOS, BEGIN_HEADER, END_HEADER, END_TURN, PAD]
+
+# Huginn's chat format. The assistant role is rendered as "Huginn"; `{% generation %}` marks the tokens an
+# assistant-only loss trains on (TRL's `assistant_only_loss`). Contents are stripped, as the authors do.
+HUGINN_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% set role = 'Huginn' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<|begin_header|>' + role + '<|end_header|>\n\n' }}"
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] | trim + '<|end_turn|>' }}{% endgeneration %}"
+    "{% else %}{{ message['content'] | trim + '<|end_turn|>' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|begin_header|>Huginn<|end_header|>\n\n' }}{% endif %}"
+)
+
+
+def _byte_alphabet() -> list[str]:
+    """The printable stand-in character of each byte 0..255 (GPT-2's byte-level mapping)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1))
+    extra = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level tokenizer without merges (every byte one token: digits stay separate, any text encodes) plus
+    Huginn's special tokens and chat template. Deterministic: no training."""
+    vocab = {char: idx for idx, char in enumerate(_byte_alphabet())}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+        chat_template=HUGINN_CHAT_TEMPLATE, padding_side="left", model_max_length=1024,
+    )
+
+
+def tiny_config(tokenizer: PreTrainedTokenizerFast) -> HuginnConfig:
+    """huginn-0125's architecture (2 prelude, 4 core, 2 coda sandwich blocks) at width 128: ~1.4M parameters.
+    Widths are multiples of 64 so bitsandbytes' CPU NF4 path can quantize every Linear."""
+    return HuginnConfig(
+        vocab_size=len(tokenizer), padding_multiple=64, block_size=1024, n_embd=128, num_attention_heads=4,
+        intermediate_size=256, mean_recurrence=8, mean_backprop_depth=4,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def build_tiny_default(output_dir: str | Path, seed: int = 0) -> Path:
+    """Write a randomly initialised tiny model, its tokenizer and generation config as a normal HF directory."""
+    output_dir = Path(output_dir)
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(seed)
+    model = HuginnForCausalLM(tiny_config(tokenizer))
+    model.generation_config = GenerationConfig(
+        eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END_TURN)],
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, max_new_tokens=64,
+    )
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}."))
+    model.save_pretrained(tmp_dir)
+    tokenizer.save_pretrained(tmp_dir)
+    shutil.rmtree(output_dir, ignore_errors=True)
+    tmp_dir.rename(output_dir)  # a half-written directory is never taken for the model
+    return output_dir
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """The tiny default's name maps to its cached directory (built on first use); anything else is unchanged."""
+    if name_or_path != TINY_MODEL_NAME or Path(name_or_path).is_dir():
+        return name_or_path
+    path = CACHE_DIR / TINY_MODEL_NAME
+    if not (path / "config.json").exists():
+        build_tiny_default(path)
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiny math datasets: sums of 2-4 single-digit numbers, a task a ~1M-parameter model learns on CPU in minutes and
+# where more recurrent steps visibly help. Rows use the real datasets' schemas.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _sum_problem(rng: random.Random) -> tuple[str, str, int]:
+    terms = [rng.randint(1, 9) for _ in range(rng.randint(2, 4))]
+    expression = " + ".join(map(str, terms))
+    return f"What is {expression}?", expression, sum(terms)
+
+
+def tiny_openmathinstruct2(num_rows: int, seed: int) -> list[dict]:
+    rows = []
+    rng = random.Random(seed)
+    for _ in range(num_rows):
+        problem, expression, total = _sum_problem(rng)
+        rows.append({"problem": problem, "generated_solution": f"{expression} = {total}. \\boxed{{{total}}}",
+                     "expected_answer": str(total), "problem_source": "tiny_sums"})
+    return rows
+
+
+def tiny_gsm8k(num_rows: int, seed: int) -> list[dict]:
+    rows = []
+    rng = random.Random(seed)
+    for _ in range(num_rows):
+        problem, expression, total = _sum_problem(rng)
+        rows.append({"question": problem, "answer": f"{expression} = <<{expression}={total}>>{total}\n#### {total}"})
+    return rows
+
+
+def tiny_math(num_rows: int, seed: int) -> list[dict]:
+    rows = []
+    rng = random.Random(seed)
+    for idx in range(num_rows):
+        problem, expression, total = _sum_problem(rng)
+        rows.append({"problem": problem, "solution": f"${expression} = \\boxed{{{total}}}$", "answer": str(total),
+                     "subject": "Prealgebra", "level": 1, "unique_id": f"tiny/sums/{idx}.json"})
+    return rows
+
+
+TINY_DATASETS = {  # file name -> (builder, rows, seed); distinct seeds keep train and test problems apart
+    "openmathinstruct2_train.jsonl": (tiny_openmathinstruct2, 2000, 1),
+    "gsm8k_train.jsonl": (tiny_gsm8k, 500, 2),
+    "gsm8k_test.jsonl": (tiny_gsm8k, 64, 3),
+    "math_test.jsonl": (tiny_math, 64, 4),
+}
+
+
+def write_tiny_datasets(output_dir: str | Path) -> Path:
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for name, (builder, num_rows, seed) in TINY_DATASETS.items():
+        with open(output_dir / name, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in builder(num_rows, seed))
+    return output_dir
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data_only", action="store_true", help="write the tiny datasets instead of the model")
+    args = parser.parse_args()
+    path = write_tiny_datasets(args.output_dir) if args.data_only else build_tiny_default(args.output_dir, args.seed)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
