@@ -1,0 +1,14 @@
+"""Test-wide settings. The tiny model's matmuls are too small for intra-op threads to pay, and the suite's
+subprocesses (grading workers, training runs, two-rank accelerate runs) share two cores: one thread each avoids
+oversubscription, which slows the suite by up to 10x."""
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402  (after the environment it reads)
+
+torch.set_num_threads(1)

@@ -1,0 +1,362 @@
+"""The Huginn model: checkpoint compatibility, golden parity, HF conventions, padding, recurrence control,
+memory behaviour, generation, PEFT and NF4."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from modeling_huginn_qlora import (
+    HuginnConfig,
+    HuginnDepthSampler,
+    HuginnForCausalLM,
+    HuginnKVCache,
+    seeded_truncated_normal,
+)
+from tiny import build_tiny_default
+
+REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+needs_reference = pytest.mark.skipif(not REFERENCE.is_dir(), reason="../shared/reference not present")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return build_tiny_default(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+@pytest.fixture()
+def model(tiny_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+
+
+def random_ids(batch, seq, seed=0, vocab=256):
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+# --- checkpoint compatibility -------------------------------------------------------------------------------------
+
+
+@needs_reference
+@pytest.mark.parametrize("steps", [1, 4, 16])
+def test_golden_parity(steps):
+    model = AutoModelForCausalLM.from_pretrained(REFERENCE / "huginn-tiny-parity", dtype=torch.float32).eval()
+    golden = load_file(REFERENCE / "huginn-tiny-parity" / "golden.safetensors")
+    with torch.no_grad():
+        given = model(golden["input_ids"], input_states=golden["input_states"], num_steps=steps).logits
+        zero = model(golden["input_ids"], init_state="zero", num_steps=steps).logits
+    assert (given - golden[f"logits_steps{steps}_given_state"]).abs().max() <= 1e-4
+    assert (zero - golden[f"logits_steps{steps}_zero_state"]).abs().max() <= 1e-4
+
+
+@needs_reference
+def test_state_dict_keys_match_reference():
+    model = AutoModelForCausalLM.from_pretrained(REFERENCE / "huginn-tiny-parity", dtype=torch.float32)
+    expected = json.loads((REFERENCE / "huginn-tiny-parity" / "state_dict_keys.json").read_text())["state_dict_keys"]
+    assert sorted(model.state_dict()) == sorted(expected)
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+@needs_reference
+def test_published_config_reads_and_sizes_match():
+    config = AutoConfig.for_model(**json.loads((REFERENCE / "huginn-0125-config.json").read_text()))
+    assert isinstance(config, HuginnConfig)
+    assert (config.n_embd, config.num_attention_heads, config.head_dim, config.padded_vocab_size) == (5280, 55, 96, 65536)
+    with torch.device("meta"):
+        model = HuginnForCausalLM(config)
+    num_params = sum(p.numel() for p in model.parameters())  # tied head counted once
+    assert abs(num_params / 1e9 - 3.565) < 0.01  # the reference's measured 3.565B
+
+
+def test_save_load_round_trip_keeps_ties(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    ids = random_ids(2, 10)
+    with torch.no_grad():
+        assert torch.equal(model(ids, init_state="zero", num_steps=3).logits,
+                           loaded(ids, init_state="zero", num_steps=3).logits)
+
+
+def test_tiny_default_is_deterministic(tiny_dir, tmp_path):
+    again = build_tiny_default(tmp_path / "again", seed=0)
+    first, second = load_file(tiny_dir / "model.safetensors"), load_file(again / "model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+# --- HF conventions -------------------------------------------------------------------------------------------------
+
+
+def test_labels_are_shifted_inside_and_ignore_index(model):
+    ids = random_ids(2, 12)
+    labels = ids.clone()
+    labels[0, :5] = -100
+    out = model(ids, labels=labels, init_state="zero", num_steps=2, return_logits=True)
+    expected = F.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), labels[:, 1:].reshape(-1))
+    assert torch.allclose(out.loss, expected, atol=1e-5)
+    summed = model(ids, labels=labels, init_state="zero", num_steps=2, num_items_in_batch=7).loss
+    assert torch.allclose(summed, expected * (labels[:, 1:] != -100).sum() / 7, atol=1e-5)
+
+
+def test_loss_without_labels_builds_no_logits_and_logits_to_keep(model):
+    ids = random_ids(2, 12)
+    assert model(ids, labels=ids, num_steps=1).logits is None
+    full = model(ids, init_state="zero", num_steps=2).logits
+    last = model(ids, init_state="zero", num_steps=2, logits_to_keep=3).logits
+    assert last.shape == (2, 3, full.shape[-1]) and torch.allclose(last, full[:, -3:], atol=1e-6)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("init_state", ["zero", "seeded"])
+def test_padded_rows_equal_rows_run_alone(model, side, init_state):
+    rows = [random_ids(1, 9, seed=1)[0], random_ids(1, 5, seed=2)[0]]
+    width = max(len(r) for r in rows)
+    ids = torch.full((2, width), 261)
+    mask = torch.zeros(2, width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        ids[i, span], mask[i, span] = row, 1
+    seeds = torch.tensor([11, 12])
+    kwargs = dict(init_state="zero") if init_state == "zero" else dict(state_seeds=seeds)
+    with torch.no_grad():
+        batch = model(ids, attention_mask=mask, num_steps=4, **kwargs).logits
+        for i, row in enumerate(rows):
+            alone_kwargs = dict(init_state="zero") if init_state == "zero" else dict(state_seeds=seeds[i:i + 1])
+            alone = model(row[None], num_steps=4, **alone_kwargs).logits[0]
+            assert (batch[i][mask[i].bool()] - alone).abs().max() <= 1e-5
+
+
+def test_input_embeddings_and_latent_state_round_trip(model):
+    ids = random_ids(1, 6)
+    assert model.get_input_embeddings() is model.transformer.wte
+    with torch.no_grad():
+        first = model(ids, init_state="zero", num_steps=2)
+        resumed = model(ids, input_states=first.latent_states, num_steps=3).logits
+        straight = model(ids, init_state="zero", num_steps=5).logits
+    assert torch.allclose(resumed, straight, atol=1e-5)
+
+
+# --- recurrence control ---------------------------------------------------------------------------------------------
+
+
+def test_num_steps_int_equals_split_and_reports_steps(model):
+    ids = random_ids(1, 8)
+    as_int = model(ids, init_state="zero", num_steps=5)
+    as_pair = model(ids, init_state="zero", num_steps=(3, 2))
+    assert as_int.num_steps == (0, 5) and as_pair.num_steps == (3, 2)
+    assert torch.allclose(as_int.logits, as_pair.logits, atol=1e-6)
+    assert model(ids).num_steps == (0, model.config.mean_recurrence)  # eval default
+
+
+def test_depth_sampler_distribution_and_state():
+    sampler = HuginnDepthSampler(mean_recurrence=32, mean_backprop_depth=8, seed=3)
+    draws = [sampler.sample() for _ in range(4000)]
+    totals = torch.tensor([a + b for a, b in draws], dtype=torch.float)
+    assert all(b == min(8, a + b) and a >= 0 for a, b in draws)
+    assert abs(totals.mean().item() - 33) < 1.0  # 1 + Poisson(LogNormal with mean 32)
+    assert totals.std().item() > 10  # heavy spread, as in pretraining (not a fixed depth)
+    state = sampler.state_dict()
+    continued = [sampler.sample() for _ in range(20)]
+    sampler.load_state_dict(state)
+    assert [sampler.sample() for _ in range(20)] == continued
+
+
+def test_training_mode_samples_depth_from_seeded_generator(model):
+    model.train()
+    model.transformer.depth_sampler.manual_seed(5)
+    first = [model(random_ids(1, 4), labels=random_ids(1, 4)).num_steps for _ in range(3)]
+    model.transformer.depth_sampler.manual_seed(5)
+    again = [model(random_ids(1, 4), labels=random_ids(1, 4)).num_steps for _ in range(3)]
+    assert first == again and all(grad <= model.config.mean_backprop_depth for _, grad in first)
+
+
+def test_seeded_state_is_a_function_of_seed_and_position():
+    a = seeded_truncated_normal(torch.tensor([1, 2]), torch.arange(6).expand(2, 6), 64)
+    b = seeded_truncated_normal(torch.tensor([2]), torch.arange(3, 6)[None], 64)
+    assert torch.equal(a[1, 3:], b[0]) and not torch.equal(a[0], a[1])
+    big = seeded_truncated_normal(torch.arange(64), torch.arange(64).expand(64, 64), 128)
+    assert big.abs().max() <= 3.0 and abs(big.mean()) < 0.01 and abs(big.std() - 0.9866) < 0.01  # std of N(0,1) cut at 3
+
+
+def test_random_state_follows_published_scale(model):
+    embedded = torch.zeros(4, 32, model.config.n_embd)
+    state = model.transformer.initial_state(embedded, torch.arange(32).expand(4, 32), "random", None)
+    expected_std = model.config.init_values["std"] * model.config.init_values["embed_scale"] * 0.986  # cut at 3 std
+    assert abs(state.std().item() / expected_std - 1) < 0.05
+
+
+# --- gradients and memory -------------------------------------------------------------------------------------------
+
+
+def saved_tensors(fn) -> list[torch.Size]:
+    """Shapes of the tensors autograd saves for backward while fn runs."""
+    shapes = []
+
+    def pack(tensor):
+        shapes.append((tensor.shape, tensor.numel() * tensor.element_size()))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return shapes
+
+
+def test_checkpointing_keeps_activation_memory_flat_and_gradients_equal(tiny_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).train()
+    ids = random_ids(2, 32)
+
+    def loss_and_grads(steps):
+        model.zero_grad()
+        model(ids, labels=ids, init_state="zero", num_steps=steps).loss.backward()
+        return [p.grad.clone() for p in model.transformer.core_block.parameters()]
+
+    def grown(steps_short, steps_long):
+        short = saved_tensors(lambda: model(ids, labels=ids, init_state="zero", num_steps=steps_short).loss)
+        long = saved_tensors(lambda: model(ids, labels=ids, init_state="zero", num_steps=steps_long).loss)
+        return sum(size for _, size in long) - sum(size for _, size in short)
+
+    plain_grads, plain_growth = loss_and_grads((2, 3)), grown((0, 2), (0, 8))
+    model.gradient_checkpointing_enable()
+    ckpt_grads, ckpt_growth = loss_and_grads((2, 3)), grown((0, 2), (0, 8))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain_grads, ckpt_grads))
+    assert all(g.abs().sum() > 0 and torch.isfinite(g).all() for g in ckpt_grads)
+    assert ckpt_growth < 0.1 * plain_growth  # six more grad steps cost only their inputs
+
+
+def test_loss_never_holds_full_logits(tiny_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).train()
+    ids = random_ids(4, 600)
+    saved = saved_tensors(lambda: model(ids, labels=ids, init_state="zero", num_steps=(0, 1)).loss)
+    vocab_sized = [shape for shape, _ in saved if len(shape) and shape[-1] == model.config.padded_vocab_size]
+    assert not vocab_sized  # logits chunks are recomputed in backward, never kept
+
+
+# --- generation -----------------------------------------------------------------------------------------------------
+
+
+def greedy_without_cache(model, ids, num_steps, max_new_tokens, seeds):
+    """Independent truth: re-run the whole sequence for every new token."""
+    for _ in range(max_new_tokens):
+        logits = model(ids, num_steps=num_steps, state_seeds=seeds).logits[:, -1]
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+def test_cached_greedy_equals_uncached(model):
+    ids, seeds = random_ids(1, 7), torch.tensor([3])
+    cached = model.generate(ids, num_steps=3, max_new_tokens=8, state_seeds=seeds, eos_token_id=[10_000])
+    assert torch.equal(cached, greedy_without_cache(model, ids, 3, 8, seeds))
+
+
+def test_padded_batch_generation_equals_rows_alone(model):
+    rows = [random_ids(1, 9, seed=4)[0], random_ids(1, 4, seed=5)[0], random_ids(1, 6, seed=6)[0]]
+    width = max(len(r) for r in rows)
+    ids, mask = torch.full((3, width), 261), torch.zeros(3, width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):], mask[i, width - len(row):] = row, 1
+    seeds = torch.tensor([7, 8, 9])
+    batch = model.generate(ids, attention_mask=mask, num_steps=4, max_new_tokens=10, state_seeds=seeds,
+                           eos_token_id=[10_000])
+    for i, row in enumerate(rows):
+        alone = model.generate(row[None], num_steps=4, max_new_tokens=10, state_seeds=seeds[i:i + 1],
+                               eos_token_id=[10_000])
+        assert torch.equal(batch[i, width - len(row):], alone[0])
+
+
+def test_generation_stops_on_any_eos_and_pads_after(model):
+    ids, seeds = random_ids(2, 5), torch.tensor([1, 2])
+    free = model.generate(ids, num_steps=2, max_new_tokens=12, state_seeds=seeds, eos_token_id=[10_000])
+    stop = int(free[0, 5 + 2])  # make the third new token of row 0 an end token
+    out = model.generate(ids, num_steps=2, max_new_tokens=12, state_seeds=seeds, eos_token_id=[10_001, stop],
+                         pad_token_id=261)
+    first_end = (out[0, 5:] == stop).nonzero()[0].item()
+    assert first_end <= 2 and (out[0, 5 + first_end + 1:] == 261).all()
+
+
+def test_sampling_is_reproducible_and_top_k_one_is_greedy(model):
+    ids, seeds = random_ids(2, 5), torch.tensor([1, 2])
+    kwargs = dict(num_steps=2, max_new_tokens=8, state_seeds=seeds, eos_token_id=[10_000])
+    first = model.generate(ids, do_sample=True, temperature=0.8, top_p=0.9, generator=torch.Generator().manual_seed(0),
+                           **kwargs)
+    again = model.generate(ids, do_sample=True, temperature=0.8, top_p=0.9, generator=torch.Generator().manual_seed(0),
+                           **kwargs)
+    assert torch.equal(first, again)
+    assert torch.equal(model.generate(ids, do_sample=True, top_k=1, **kwargs), model.generate(ids, **kwargs))
+
+
+def test_shared_cache_slots_bound_memory(model):
+    ids, seeds = random_ids(2, 6), torch.tensor([1, 2])
+    kwargs = dict(num_steps=8, max_new_tokens=6, state_seeds=seeds, eos_token_id=[10_000])
+    exact = model.generate(ids, **kwargs)
+    assert torch.equal(model.generate(ids, kv_cache_slots=8, **kwargs), exact)  # one slot per step: exact
+    shared = model.generate(ids, kv_cache_slots=1, **kwargs)
+    assert shared.shape == exact.shape
+    config = model.config
+    full = HuginnKVCache(config, 1, 4, 32, torch.bfloat16, "cpu").nbytes_per_token()
+    one = HuginnKVCache(config, 1, 4, 1, torch.bfloat16, "cpu").nbytes_per_token()
+    layer_bytes = 2 * config.n_embd * 2  # keys + values, bf16
+    assert (full, one) == (layer_bytes * (4 + 4 * 32), layer_bytes * (4 + 4))
+
+
+# --- PEFT and NF4 ---------------------------------------------------------------------------------------------------
+
+
+def test_lora_on_core_gets_gradients_with_truncated_backprop(model):
+    from peft import LoraConfig, get_peft_model
+
+    model.train()
+    model.gradient_checkpointing_enable()
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["Wqkv", "proj", "fc"], init_lora_weights=False))
+    ids = random_ids(2, 10)
+    peft_model(ids, labels=ids, num_steps=(3, 2)).loss.backward()
+    core = [p.grad for n, p in peft_model.named_parameters() if "core_block" in n and "lora_" in n]
+    assert core and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in core)
+    frozen = [p for n, p in peft_model.named_parameters() if "lora_" not in n]
+    assert all(p.grad is None for p in frozen)
+
+
+@pytest.fixture(scope="module")
+def nf4_model(tiny_dir):
+    pytest.importorskip("bitsandbytes")
+    from modeling_huginn_qlora import nf4_quantization_config
+
+    return AutoModelForCausalLM.from_pretrained(
+        tiny_dir, quantization_config=nf4_quantization_config(torch.float32), device_map="cpu")
+
+
+def test_nf4_error_is_bounded_in_depth(nf4_model, tiny_dir):
+    import bitsandbytes as bnb
+
+    full = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    linear4bit = [n for n, m in nf4_model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(linear4bit) == 4 * 8  # Wqkv, proj, fc, proj in each of the 8 blocks
+    assert not isinstance(nf4_model.transformer.adapter, bnb.nn.Linear4bit)
+    assert not isinstance(nf4_model.lm_head, bnb.nn.Linear4bit)
+    ids = random_ids(2, 16)
+    errors = {}
+    with torch.no_grad():
+        for steps in (1, 4, 16, 32, 64):
+            quantized = nf4_model.eval()(ids, init_state="zero", num_steps=steps).logits
+            reference = full(ids, init_state="zero", num_steps=steps).logits
+            errors[steps] = ((quantized - reference).abs().max() / reference.abs().max()).item()
+    print("NF4 vs fp32 max |logit error| / max |logit|, by steps:", {k: round(v, 4) for k, v in errors.items()})
+    assert all(0 < e < 0.25 for e in errors.values())  # finite, non-trivial (really quantized), bounded
+    assert errors[64] < 2 * errors[4]  # no growth with depth
+
+
+def test_qlora_step_trains_lora_and_leaves_4bit_weights(nf4_model):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(nf4_model)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["Wqkv", "proj", "fc"], init_lora_weights=False))
+    quantized_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = random_ids(2, 12)
+    model(ids, labels=ids, num_steps=(2, 2)).loss.backward()
+    core = [p.grad for n, p in model.named_parameters() if "core_block" in n and "lora_" in n]
+    assert core and all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in core)
+    optimizer.step()
+    assert all(torch.equal(p, quantized_before[n]) for n, p in model.named_parameters() if not p.requires_grad)
