@@ -14,6 +14,7 @@ s <- core_blocks(adapter([s, e])) repeated `num_steps` times; ln_f -> coda block
 """
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -363,7 +364,20 @@ class HuginnModel(HuginnPreTrainedModel):
         self.ln_f = HuginnRMSNorm(config.n_embd, config.norm_eps)
         self.gradient_checkpointing = False
         self.depth_sampler = HuginnDepthSampler(config.mean_recurrence, config.mean_backprop_depth)
+        self.default_num_steps, self.default_state_seed = None, None  # see `recurrence_defaults`
         self.post_init()
+
+    @contextmanager
+    def recurrence_defaults(self, num_steps=None, state_seed: int | None = None):
+        """Within the block, forwards (and `generate`) that pass no `num_steps` use this depth instead of sampling
+        one, and ones that pass no `state_seeds` start every row from the noise of `state_seed`. For trainers
+        that call the model through generic code (TRL): they fix the depth and initial state of a phase."""
+        previous = self.default_num_steps, self.default_state_seed
+        self.default_num_steps, self.default_state_seed = num_steps, state_seed
+        try:
+            yield self
+        finally:
+            self.default_num_steps, self.default_state_seed = previous
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.wte
@@ -372,7 +386,9 @@ class HuginnModel(HuginnPreTrainedModel):
         self.wte = value
 
     def resolve_num_steps(self, num_steps) -> tuple[int, int]:
-        """(steps without grad, steps with grad) from an int, a pair, a tensor, or None (sample when training)."""
+        """(steps without grad, steps with grad) from an int, a pair, a tensor, or None (the default set by
+        `recurrence_defaults`, else sampled when training and `mean_recurrence` in eval)."""
+        num_steps = self.default_num_steps if num_steps is None else num_steps
         if num_steps is None:
             if self.training:
                 return self.depth_sampler.sample()
@@ -391,6 +407,8 @@ class HuginnModel(HuginnPreTrainedModel):
             return torch.zeros_like(embedded)
         if init_state != "random":
             raise ValueError(f"init_state must be 'random' or 'zero', got {init_state!r}")
+        if state_seeds is None and self.default_state_seed is not None:
+            state_seeds = torch.full(embedded.shape[:1], self.default_state_seed, dtype=torch.long)
         if state_seeds is not None:
             noise = seeded_truncated_normal(state_seeds.to(embedded.device), position_ids, embedded.shape[-1])
         else:
@@ -575,21 +593,24 @@ class HuginnForCausalLM(HuginnPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
         generation_config: GenerationConfig | None = None,
-        num_steps: int | None = None,
+        num_steps: int | tuple[int, int] | None = None,
         kv_cache_slots: int | None = None,
         init_state: str = "random",
         state_seeds: torch.LongTensor | None = None,
         generator: torch.Generator | None = None,
         **kwargs,
-    ) -> torch.LongTensor:
+    ) -> "torch.LongTensor | HuginnGenerateOutput":
         """Cached, batched decoding of (left-)padded prompts; returns (batch, prompt + new) token ids, rows padded
-        with pad_token_id after their end. Greedy unless `do_sample`; `temperature`, `top_k`, `top_p`,
+        with pad_token_id after their end (with `return_dict_in_generate=True`: also each new token's
+        log-probability under the untempered model). Greedy unless `do_sample`; `temperature`, `top_k`, `top_p`,
         `max_new_tokens` and `eos_token_id` (an int or a list: generation stops on any) come from
-        `generation_config` or kwargs. `num_steps` recurrent steps per token (default `mean_recurrence`);
-        `kv_cache_slots` k < num_steps shares core cache slots across steps (slot = step mod k)."""
+        `generation_config` or kwargs. `num_steps` recurrent steps per token (default: `recurrence_defaults`, else
+        `mean_recurrence`; never sampled); `kv_cache_slots` k < num_steps shares core cache slots across steps
+        (slot = step mod k)."""
         config = _merge_generation_config(generation_config or self.generation_config, kwargs)
-        num_steps = self.config.mean_recurrence if num_steps is None else num_steps
-        total_steps = sum(self.transformer.resolve_num_steps(num_steps))
+        if num_steps is None:
+            num_steps = self.transformer.default_num_steps or self.config.mean_recurrence
+        steps = self.transformer.resolve_num_steps(num_steps)
         batch, prompt_len = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -597,13 +618,13 @@ class HuginnForCausalLM(HuginnPreTrainedModel, GenerationMixin):
         pad_id = config.pad_token_id if config.pad_token_id is not None else int(eos_ids[0])
         warpers = _sampling_warpers(config)
         cache = HuginnKVCache(self.config, batch, prompt_len + config.max_new_tokens,
-                              min(kv_cache_slots or total_steps, total_steps), self.lm_head.weight.dtype
-                              if self.lm_head.weight.is_floating_point() else torch.bfloat16, input_ids.device)
-        step_kwargs = dict(past_key_values=cache, use_cache=True, num_steps=num_steps, init_state=init_state,
+                              min(kv_cache_slots or sum(steps), sum(steps)), self.transformer.wte.weight.dtype,
+                              input_ids.device)
+        step_kwargs = dict(past_key_values=cache, use_cache=True, num_steps=steps, init_state=init_state,
                            state_seeds=state_seeds, logits_to_keep=1)
         logits = self(input_ids, attention_mask=attention_mask, **step_kwargs).logits[:, -1]
         finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-        new_tokens = []
+        new_tokens, logprobs = [], []
         for _ in range(config.max_new_tokens):
             if config.do_sample:
                 probs = warpers(None, logits).softmax(-1)
@@ -612,12 +633,24 @@ class HuginnForCausalLM(HuginnPreTrainedModel, GenerationMixin):
                 token = logits.argmax(-1)
             token = token.masked_fill(finished, pad_id)
             new_tokens.append(token)
+            logprobs.append(logits.log_softmax(-1).gather(1, token[:, None]).squeeze(1))
             finished |= torch.isin(token, eos_ids)
             if bool(finished.all()) or len(new_tokens) == config.max_new_tokens:
                 break
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
             logits = self(token[:, None], attention_mask=attention_mask, **step_kwargs).logits[:, -1]
-        return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
+        sequences = torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
+        if config.return_dict_in_generate:
+            return HuginnGenerateOutput(sequences=sequences, logprobs=torch.stack(logprobs, dim=1))
+        return sequences
+
+
+@dataclass
+class HuginnGenerateOutput(ModelOutput):
+    """`sequences` (batch, prompt + new); `logprobs` (batch, new): log p(token) under the untempered model."""
+
+    sequences: torch.LongTensor | None = None
+    logprobs: torch.Tensor | None = None
 
 
 def _as_list(value) -> list[int]:

@@ -360,3 +360,27 @@ def test_qlora_step_trains_lora_and_leaves_4bit_weights(nf4_model):
     assert core and all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in core)
     optimizer.step()
     assert all(torch.equal(p, quantized_before[n]) for n, p in model.named_parameters() if not p.requires_grad)
+
+
+def test_rollout_logprobs_equal_full_sequence_scoring(model):
+    """What GRPO's importance ratio needs: scoring a sampled sequence in one forward, at the rollout's depth and
+    initial-state seed, reproduces the log-probabilities the rollout sampled with (ratio 1 before any update)."""
+    prompts, mask = random_ids(2, 6), torch.ones(2, 6, dtype=torch.long)
+    mask[1, :2] = 0  # a left-padded row
+    with model.transformer.recurrence_defaults(num_steps=(2, 3), state_seed=17):
+        rollout = model.generate(prompts, attention_mask=mask, do_sample=True, max_new_tokens=8,
+                                 eos_token_id=[10_000], return_dict_in_generate=True,
+                                 generator=torch.Generator().manual_seed(1))
+        full_mask = torch.cat([mask, torch.ones(2, 8, dtype=torch.long)], dim=1)
+        logits = model(rollout.sequences, attention_mask=full_mask).logits
+    scored = logits[:, 5:-1].log_softmax(-1).gather(2, rollout.sequences[:, 6:, None]).squeeze(2)
+    assert (scored - rollout.logprobs).abs().max() <= 1e-5
+
+
+def test_recurrence_defaults_fix_depth_in_training_mode(model):
+    model.train()
+    with model.transformer.recurrence_defaults(num_steps=(3, 1), state_seed=4):
+        assert model(random_ids(1, 4)).num_steps == (3, 1)
+        first = model(random_ids(1, 4)).logits
+        assert torch.equal(first, model(random_ids(1, 4)).logits)  # same seed: same initial state
+    assert model.transformer.default_num_steps is None
