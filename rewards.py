@@ -1,0 +1,688 @@
+r"""Answer extraction, equivalence grading and GRPO reward functions for math.
+
+One grader (`grade` / `grade_batch`) serves both the TRL reward functions and the
+GSM8K / MATH evaluation, so training and test score answers alike.
+
+Run the CLI (prints the extracted answer(s), the verdict and the timing):
+
+    python rewards.py --gold '\frac{1}{2}' --completion 'So the answer is $\boxed{0.5}$.'
+    python rewards.py --gold 18 --completion 'She makes $18 every day. #### 18'
+    python rewards.py --gold '3\sqrt{13}' --completion 'Hence $\boxed{\sqrt{117}}$.'
+    python rewards.py --gold 42 --completion 'In total 40 + 2 = 42 apples.' --numeric_fallback
+
+Tests and throughput benchmark:
+
+    python -m pytest tests/test_rewards.py -q
+    python benchmarks/bench_rewards.py
+
+Verdicts: True (equivalent), False (wrong or no final answer), None (cannot grade: bad
+gold, input rejected by the guards, timeout, worker crash). correctness_reward gives 0.0
+for None, except for a bad gold: None (TRL then skips that reward).
+
+Cheap cases (numbers, identical strings, a list offered for one number) are decided in
+the calling process. The rest goes to math-verify in worker subprocesses, SIGKILLed and
+replaced past a wall-clock limit: math-verify's timeout uses SIGALRM (main thread only,
+TRL turns it off) and sympy can hang in C code where no signal helps. Workers are Popen
+children because multiprocessing cannot start children from (daemonic) DataLoader
+workers. POSIX only.
+"""
+
+import argparse
+import atexit
+import json
+import logging
+import os
+import re
+import select
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter, deque
+from fractions import Fraction
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+logger = logging.getLogger(__name__)
+
+MAX_COMPLETION_CHARS = 100_000  # longer completions are "cannot grade" (4k tokens are ~16k chars)
+MAX_ANSWER_CHARS = 2_000  # an extracted final answer longer than this is no real answer
+MAX_NUMBER_DIGITS = 200  # longer digit runs are rejected before int() or sympy sees them
+MAX_NESTING = 50  # deeper bracket nesting only serves to blow up parser recursion
+MAX_EXPONENT_DIGITS = 5  # 10^{99999} is fine, 10^{10000000} hangs sympy
+DEFAULT_TIMEOUT_S = 5.0  # hard wall-clock limit per math-verify comparison
+WORKER_START_TIMEOUT_S = 60.0  # importing sympy on a loaded 2-core box can take a while
+WORKER_MEMORY_BYTES = 2 << 30  # address-space cap per worker: huge powers raise MemoryError
+MAX_FAILED_STARTS = 3  # then give up (None) instead of restarting broken workers forever
+
+BOXED_PATTERN = r"\\(?:boxed|fbox)(?![A-Za-z])"
+
+# Result codes of grade_codes(); grade() maps them to True / False / None.
+CORRECT, WRONG, BAD_GOLD, REJECTED, TIMEOUT, ERROR = "correct", "wrong", "bad_gold", "rejected", "timeout", "error"
+_VERDICT = {CORRECT: True, WRONG: False}
+
+# Counters for the trainer to read (graded, worker_jobs, timeouts, errors, rejected, bad_gold,
+# worker_restarts), per process: a DataLoader worker counts its own.
+GRADER_STATS: Counter = Counter()
+
+# ----------------------------------------------------------------------------- extraction
+_BOXED_RE = re.compile(BOXED_PATTERN)
+_BRACE_RE = re.compile(r"[{}]")
+_BOX_OPEN_RE = re.compile(r"[ \t]*\{")
+_UNBRACED_BOX_ARG_RE = re.compile(r"\s+([^\s${}]+)")  # "\boxed 5"
+_ANSWER_MARKER_RE = re.compile(
+    r"(?:\bfinal\s+answer|\bthe\s+answer|^[ \t*#]*answer)\**(?:\s+is\b|\s*:)\**\s*:?", re.IGNORECASE | re.MULTILINE
+)
+_LINE_AFTER_RE = re.compile(r"\s*([^\n]*)")  # skips blank lines, then takes one line
+_ANSWER_TRIM_RE = re.compile(r"^[\s*$]+|[\s*$.]+$")  # markdown bold, math dollars, the full stop
+_GSM8K_MARKER = "####"
+_LAST_NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def _as_text(value: Any) -> str:
+    """Any completion-ish input as a str: bytes decoded leniently, lone surrogates replaced."""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", errors="replace")
+    return value.encode("utf-8", errors="replace").decode("utf-8") if isinstance(value, str) else ""
+
+
+def _matching_brace_end(text: str, open_idx: int) -> int | None:
+    """Index just past the '}' that closes the '{' at open_idx; None if unbalanced."""
+    depth = 0
+    for m in _BRACE_RE.finditer(text, open_idx):
+        depth += 1 if m.group() == "{" else -1
+        if depth == 0:
+            return m.end()
+    return None
+
+
+def find_boxes(text: str, box_re: re.Pattern = _BOXED_RE) -> list[tuple[str | None, int]]:
+    """Top-level boxes as (content, end index); content is None for an unclosed box.
+
+    Boxes inside a box are part of its content and scanning resumes after each box,
+    so the work stays linear even for thousands of nested boxes.
+    """
+    boxes, pos = [], 0
+    while (m := box_re.search(text, pos)) is not None:
+        if opening := _BOX_OPEN_RE.match(text, m.end()):
+            end = _matching_brace_end(text, opening.end() - 1)
+            if end is None:
+                boxes.append((None, len(text)))
+                break
+            boxes.append((text[opening.end() : end - 1], end))
+        elif bare := _UNBRACED_BOX_ARG_RE.match(text, m.end()):
+            end = bare.end()
+            boxes.append((bare.group(1).rstrip(".,"), end))
+        else:
+            end = m.end()
+            boxes.append(("", end))
+        pos = end
+    return boxes
+
+
+def _first_line_after(text: str, pos: int) -> str:
+    return _LINE_AFTER_RE.match(text, pos).group(1).strip()
+
+
+def _answer_after_marker(text: str) -> str | None:
+    """First sentence after the last 'The answer is' / 'Final Answer:' marker."""
+    if not (markers := list(_ANSWER_MARKER_RE.finditer(text))):
+        return None
+    answer = re.split(r"(?i)\bI hope\b", _first_line_after(text, markers[-1].end()))[0]
+    return _ANSWER_TRIM_RE.sub("", re.split(r"\.\s", answer, maxsplit=1)[0]) or None
+
+
+def _is_bare_answer(text: str) -> bool:
+    """A short one-line text without prose is an answer by itself: '42', 'x^2+1', '18 dollars'."""
+    stripped = text.strip()
+    if not stripped or len(stripped) > 100 or "\n" in stripped:
+        return False
+    prose = _COMMANDS_RE.sub(" ", stripped)
+    return _parse_number(stripped) is not None or re.search(r"[A-Za-z]{3,}", prose) is None
+
+
+def extract_answers(text: str, numeric_fallback: bool = False) -> list[str]:
+    """Distinct final-answer candidates of a completion, in order of appearance.
+
+    Priority: all top-level \\boxed{} / \\fbox{} (all of them, so that boxing several
+    different answers can be caught; an unclosed box gives an empty candidate), else the
+    line after the last '####', else the sentence after the last 'The answer is' /
+    'Final Answer:', else the whole text if it is a short prose-free answer, else
+    (numeric_fallback only: GSM8K-style questions, never MATH) the last number.
+    """
+    text = _as_text(text)
+    if boxes := find_boxes(text):
+        candidates = [(content or "").strip() for content, _ in boxes]
+    elif (idx := text.rfind(_GSM8K_MARKER)) >= 0:
+        candidates = [_first_line_after(text, idx + len(_GSM8K_MARKER))]
+    elif (after := _answer_after_marker(text)) is not None:
+        candidates = [after]
+    elif _is_bare_answer(text):
+        candidates = [text.strip()]
+    elif numeric_fallback and (numbers := _LAST_NUMBER_RE.findall(text)):
+        candidates = [numbers[-1].rstrip(",")]
+    else:
+        return []
+    unique: dict[str, str] = {}
+    for candidate in candidates:
+        unique.setdefault(_canonical(candidate), candidate)
+    return list(unique.values())
+
+
+def extract_answer(text: str, numeric_fallback: bool = False) -> str | None:
+    """The final answer of a completion (the last candidate), or None."""
+    candidates = extract_answers(text, numeric_fallback)
+    return candidates[-1] if candidates else None
+
+
+def gold_answer(row: Mapping[str, Any]) -> str | None:
+    """Gold answer of a GSM8K, MATH or OpenMathInstruct-1/2 row.
+
+    None when the schema matches but holds no answer (a MATH solution without a box);
+    ValueError naming the keys when no schema matches.
+    """
+    if "expected_answer" in row:  # OpenMathInstruct-1 and -2
+        return _as_text(row["expected_answer"]).strip() or None
+    if "problem" in row and ("answer" in row or "solution" in row):  # MATH, MATH-500
+        if answer := _as_text(row.get("answer")).strip():
+            return answer
+        boxes = find_boxes(_as_text(row.get("solution")))
+        return (boxes[-1][0] or "").strip() or None if boxes else None
+    if "question" in row and "answer" in row:  # GSM8K: "...reasoning...\n#### 1,234"
+        return _as_text(row["answer"]).rsplit(_GSM8K_MARKER, 1)[-1].strip().replace(",", "") or None
+    raise ValueError(
+        f"row matches no gold-answer schema; it has keys {sorted(row)} but needs 'expected_answer' "
+        "(OpenMathInstruct), 'problem' + 'answer'/'solution' (MATH) or 'question' + 'answer' (GSM8K)"
+    )
+
+
+# ----------------------------------------------------------------------------- guards
+_BRACKET_RE = re.compile(r"[()\[\]{}]")
+_HOSTILE_RE = re.compile(
+    rf"\d{{{MAX_NUMBER_DIGITS + 1}}}"  # a huge number
+    rf"|\^\s*\{{?\s*\d{{{MAX_EXPONENT_DIGITS + 1}}}"  # 10^{10000000}
+    r"|\^\s*\{[^{}]*?\d\s*\^"  # a numeric power tower 5^{5^{5}}
+    r"|\^\s*[\w.]+\s*\^"  # 5^5^5
+)
+
+
+def _nesting_depth(text: str) -> int:
+    """Deepest bracket nesting; any of ([{ opens and any of )]} closes, as in '[0, 1)'."""
+    depth = deepest = 0
+    for m in _BRACKET_RE.finditer(text):
+        depth += 1 if m.group() in "([{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def _is_rejected(answer: str) -> bool:
+    """Cheap checks that keep hostile answers away from int() and sympy."""
+    return len(answer) > MAX_ANSWER_CHARS or bool(_HOSTILE_RE.search(answer)) or _nesting_depth(answer) > MAX_NESTING
+
+
+# ----------------------------------------------------------------------------- fast path
+class _Number(NamedTuple):
+    value: Fraction
+    is_percent: bool
+    is_decimal: bool
+
+
+_LEFT_RIGHT_RE = re.compile(r"\\(?:left|right)(?![A-Za-z])")
+_SPACING_RE = re.compile(r"\\[,;:! ]|~")
+_DEGREES_RE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°")
+_TEXT_UNIT_RE = re.compile(r"\\(?:text|mbox|mathrm|textbf)\s*\{\s*([A-Za-z .%/]*)\}")
+_MULTI_VALUE_RE = re.compile(r"[,;]|\\cup|\\pm|\bor\b|\band\b|\\begin")
+_COMMANDS_RE = re.compile(r"\\(?:text|mbox|mathrm|textbf|operatorname)\s*\{[^{}]*\}|\\[A-Za-z]+")
+_VARIABLE_RE = re.compile(r"[a-df-hj-zA-Z]")  # e and i are constants
+_UNIT_TAIL_RE = re.compile(r"(?<=[\d}\s])\s*[A-Za-z][A-Za-z\s.]*$")
+_NUMBER_RE = re.compile(
+    r"(?P<sign>[-+]?)\s*(?:"
+    r"(?P<decimal>(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"
+    r"|\\frac\s*\{\s*(?P<frac_num>[-+]?\d+)\s*\}\s*\{\s*(?P<frac_den>\d+)\s*\}"
+    r"|\\frac(?P<short_num>\d)(?P<short_den>\d)"
+    r"|(?P<slash_num>\d+)\s*/\s*(?P<slash_den>\d+))"
+    r"\s*(?P<percent>%|percent\b)?"
+    # unit words ("dollars", "km/h"); words that would make it an expression are excluded
+    r"(?:\s+(?!(?:or|and|pi|sqrt|plus|minus|times|over)\b)[A-Za-z]{2,}(?:/[A-Za-z]+)?\.?)*",
+    re.IGNORECASE,
+)
+
+
+def _has_free_variable(answer: str) -> bool:
+    """A letter standing for a variable: not e or i, no command, no \\text words, no trailing unit
+    word ('1.5 m', which math-verify accepts as 1.5), and no equation ('x = 5' is math-verify's)."""
+    if "=" in answer:
+        return False
+    return _VARIABLE_RE.search(_UNIT_TAIL_RE.sub("", _COMMANDS_RE.sub(" ", answer))) is not None
+
+
+def _canonical(answer: str) -> str:
+    """Conservative normal form: equal canonical strings are surely equivalent answers."""
+    s = re.sub(r"\\[dt]frac", r"\\frac", _LEFT_RIGHT_RE.sub("", answer))
+    s = re.sub(r"\s+", "", _SPACING_RE.sub("", s))
+    return s.strip("$").rstrip(".")
+
+
+def _parse_number(answer: str) -> _Number | None:
+    """A plain number (maybe with $, %, degrees or unit words) as an exact Fraction."""
+    s = answer.replace("−", "-").replace("{,}", ",").replace("\\%", "%").replace("\\$", "$")
+    s = _TEXT_UNIT_RE.sub(lambda m: " " + m.group(1), _DEGREES_RE.sub("", re.sub(r"\\[dt]frac", r"\\frac", s)))
+    s = _SPACING_RE.sub("", s).replace("$", "").strip().rstrip(".").strip()
+    if len(s) > 100 or (m := _NUMBER_RE.fullmatch(s)) is None:  # 100 digits are cheap for Fraction
+        return None
+    sign = -1 if m["sign"] == "-" else 1
+    if m["decimal"] is not None:
+        return _Number(sign * Fraction(m["decimal"].replace(",", "")), bool(m["percent"]), "." in m["decimal"])
+    denominator = int(m["frac_den"] or m["short_den"] or m["slash_den"])
+    if denominator == 0:
+        return None
+    numerator = int(m["frac_num"] or m["short_num"] or m["slash_num"])
+    return _Number(sign * Fraction(numerator, denominator), bool(m["percent"]), False)
+
+
+def _numbers_match(gold: _Number, pred: _Number) -> bool:
+    """Exact equality; '50%' also matches 50 and 0.5; with a decimal, 6-place rounding.
+
+    Mirrors math-verify's numeric rules so fast path and workers agree.
+    """
+    gold_values = {gold.value, gold.value / 100} if gold.is_percent else {gold.value}
+    pred_values = {pred.value, pred.value / 100} if pred.is_percent else {pred.value}
+    rounded = gold.is_decimal or pred.is_decimal
+    return any(g == p or (rounded and round(g, 6) == round(p, 6)) for g in gold_values for p in pred_values)
+
+
+def _fast_code(gold: str, candidate: str) -> str | None:
+    """REJECTED / CORRECT / WRONG decided without sympy; None when math-verify must decide."""
+    if _is_rejected(candidate):
+        return REJECTED
+    if not candidate:
+        return WRONG
+    if _canonical(candidate) == _canonical(gold):
+        return CORRECT
+    gold_number, pred_number = _parse_number(gold), _parse_number(candidate)
+    if gold_number is not None and pred_number is not None:
+        return CORRECT if _numbers_match(gold_number, pred_number) else WRONG
+    if (gold_number is None) != (pred_number is None):  # exactly one side is a plain number
+        other = gold if gold_number is None else candidate
+        if _MULTI_VALUE_RE.search(_SPACING_RE.sub("", other)) or _has_free_variable(other):
+            return WRONG  # a number never equals "1, 2", "1 or 2", an interval or "p - q"
+    return None
+
+
+# ----------------------------------------------------------------------------- workers
+_WORKER_BOOT = "import sys; sys.path.insert(0, {dir!r}); from {module} import _worker_main; _worker_main()"
+_WARMUP_PAIRS = [  # one of each kind, so sympy's lazy imports happen before the first timed job
+    ("(1,2)", "[1,2]"), ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "x^2+1"), ("x=5", "5"),
+    ("\\frac{\\sqrt{3}}{2}", "0.866"), ("(-\\infty, 2) \\cup (3, \\infty)", "x<1"),
+    ("\\{1\\pm\\sqrt{5},-2\\}", "15"), ("\\cot x", "1\\frac{4}{5}"), ("2", "4210_{5}"),
+]  # fmt: skip
+
+
+@lru_cache(maxsize=4096)
+def _parse_for_verify(answer: str) -> tuple:
+    """math-verify parse of one answer, boxed so that its LaTeX extraction takes all of it."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+
+    config = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
+    return tuple(parse(f"\\boxed{{{answer}}}", extraction_config=config, parsing_timeout=None))
+
+
+def _math_verify_code(gold: str, candidate: str) -> str:
+    """Worker-side comparison. math-verify's timeouts are off: the parent kills us instead."""
+    from math_verify import verify
+
+    try:
+        if not (gold_parsed := _parse_for_verify(gold)):
+            return BAD_GOLD
+        if not (pred_parsed := _parse_for_verify(candidate)):
+            return WRONG
+        # Gold first: verify() is asymmetric (assignments, relation/set conversions).
+        return CORRECT if verify(list(gold_parsed), list(pred_parsed), timeout_seconds=None) else WRONG
+    except Exception:  # sympy raises anything: RecursionError, MemoryError, TypeError, ...
+        return ERROR
+
+
+def _worker_main() -> None:
+    """Grading subprocess: a JSON job per stdin line -> a JSON result code per stdout line."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the trainer; stdin EOF ends us
+    protocol = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)  # stray prints of libraries must not corrupt the protocol
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (WORKER_MEMORY_BYTES if hard < 0 else min(WORKER_MEMORY_BYTES, hard), hard))
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # the parent counts timeouts
+    try:
+        for gold, candidate in _WARMUP_PAIRS:
+            _math_verify_code(gold, candidate)
+        protocol.write("ready\n")
+        protocol.flush()
+        for line in sys.stdin:
+            job = json.loads(line)
+            protocol.write(json.dumps(_math_verify_code(job["gold"], job["pred"])) + "\n")
+            protocol.flush()
+    except BrokenPipeError:  # the parent closed the pool or died: leave without a traceback
+        os._exit(0)
+
+
+class _Worker:
+    """One grading subprocess, the job it works on and the deadline for it."""
+
+    def __init__(self) -> None:
+        boot = _WORKER_BOOT.format(dir=str(Path(__file__).resolve().parent), module=Path(__file__).stem)
+        self.proc = subprocess.Popen([sys.executable, "-c", boot], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.ready, self.job, self._buffer = False, None, b""
+        self.deadline = time.monotonic() + WORKER_START_TIMEOUT_S
+
+    def fileno(self) -> int:
+        return self.proc.stdout.fileno()
+
+    def send(self, job: int, gold: str, candidate: str, timeout_s: float) -> None:
+        self.proc.stdin.write((json.dumps({"gold": gold, "pred": candidate}) + "\n").encode())
+        self.proc.stdin.flush()
+        self.job, self.deadline = job, time.monotonic() + timeout_s
+
+    def read_lines(self) -> list[str] | None:
+        """Complete lines received so far; None once the worker has exited."""
+        if not (data := os.read(self.fileno(), 1 << 16)):
+            return None
+        *lines, self._buffer = (self._buffer + data).split(b"\n")
+        return [line.decode() for line in lines]
+
+    def close_pipes(self) -> None:
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            try:
+                pipe.close()
+            except OSError:
+                pass  # flushing into a dead worker's stdin; the fd is closed anyway
+
+    def close(self, grace_s: float = 0.0) -> None:
+        """EOF on stdin ends the worker's loop; SIGKILL it if it is still alive after grace_s."""
+        self.close_pipes()
+        try:
+            self.proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class GraderPool:
+    """math-verify worker subprocesses with a hard wall-clock limit per comparison.
+
+    A worker past its deadline is SIGKILLed and replaced; its job gets TIMEOUT while the
+    other jobs go on (a ProcessPoolExecutor would turn into BrokenProcessPool instead).
+    """
+
+    def __init__(self, num_workers: int) -> None:
+        self.num_workers = max(1, num_workers)
+        self._workers: list[_Worker] = []
+        self._failed_starts = 0
+
+    def run(self, jobs: Sequence[tuple[str, str]], timeout_s: float) -> list[str]:
+        """Result code for each (gold, candidate) job."""
+        codes = [ERROR] * len(jobs)
+        queue = deque(range(len(jobs)))
+        while len(self._workers) < min(self.num_workers, len(jobs)):  # grow lazily: one job, one worker
+            self._workers.append(_Worker())
+        while queue or any(w.job is not None for w in self._workers):
+            if self._failed_starts >= MAX_FAILED_STARTS and not any(w.ready for w in self._workers):
+                GRADER_STATS["errors"] += len(queue)
+                logger.warning("grader workers do not start; %d comparisons left ungraded", len(queue))
+                break
+            for worker in self._workers:
+                if worker.ready and worker.job is None and queue:
+                    job = queue.popleft()
+                    try:
+                        worker.send(job, *jobs[job], timeout_s)
+                    except OSError:  # it died while idle: retry the job on a fresh worker
+                        queue.appendleft(job)
+                        self._replace(worker)
+            waiting = [w for w in self._workers if w.job is not None or not w.ready]
+            timeout = max(0.0, min(w.deadline for w in waiting) - time.monotonic())
+            for worker in select.select(waiting, [], [], timeout)[0]:
+                self._receive(worker, codes)
+            now = time.monotonic()
+            for worker in [w for w in self._workers if (w.job is not None or not w.ready) and now >= w.deadline]:
+                self._fail(worker, codes, TIMEOUT, "timeouts", "grader timeout: worker killed and replaced")
+        return codes
+
+    def _receive(self, worker: _Worker, codes: list[str]) -> None:
+        if (lines := worker.read_lines()) is None:  # segfault, OOM kill, ...
+            self._fail(worker, codes, ERROR, "errors", "grader worker died")
+            return
+        for line in lines:
+            if not worker.ready:
+                worker.ready, self._failed_starts = True, 0
+            elif worker.job is not None:
+                codes[worker.job], worker.job = json.loads(line), None
+
+    def _fail(self, worker: _Worker, codes: list[str], code: str, stat: str, message: str) -> None:
+        if worker.job is not None:
+            codes[worker.job] = code
+            GRADER_STATS[stat] += 1
+            logger.warning("%s (%d so far)", message, GRADER_STATS[stat])
+        elif not worker.ready:
+            self._failed_starts += 1
+        self._replace(worker)
+
+    def _replace(self, worker: _Worker) -> None:
+        worker.close()
+        GRADER_STATS["worker_restarts"] += 1
+        self._workers[self._workers.index(worker)] = _Worker()
+
+    def close(self) -> None:
+        for worker in self._workers:
+            worker.close(grace_s=1.0)
+        self._workers = []
+
+
+_POOL: GraderPool | None = None
+_POOL_LOCK = threading.Lock()  # one batch at a time on the shared pool, from any thread
+
+
+def default_num_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def shutdown_pool(wait_s: float = 10.0) -> None:
+    """Stop the shared worker pool; the next grading call starts a new one."""
+    global _POOL
+    if not _POOL_LOCK.acquire(timeout=wait_s):  # a thread is mid-batch: its workers exit on our EOF
+        return
+    try:
+        if _POOL is not None:
+            _POOL.close()
+            _POOL = None
+    finally:
+        _POOL_LOCK.release()
+
+
+def _forget_pool_after_fork() -> None:
+    """A forked child (a DataLoader worker) must not use its parent's workers nor hold their pipes."""
+    global _POOL, _POOL_LOCK
+    for worker in _POOL._workers if _POOL is not None else []:
+        worker.close_pipes()
+    _POOL, _POOL_LOCK = None, threading.Lock()
+
+
+atexit.register(shutdown_pool)
+os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+
+def _run_on_pool(jobs: list[tuple[str, str]], timeout_s: float, num_workers: int) -> list[str]:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is not None and _POOL.num_workers != num_workers:
+            _POOL.close()
+            _POOL = None
+        _POOL = _POOL or GraderPool(num_workers)
+        return _POOL.run(jobs, timeout_s)
+
+
+# ----------------------------------------------------------------------------- grading API
+def _gold_text(gold: Any) -> str | None:
+    """Gold answer string; a raw GSM8K / MATH solution is reduced to its final answer."""
+    text = _as_text(gold).strip()
+    if _GSM8K_MARKER in text or _BOXED_RE.search(text):
+        text = extract_answer(text) or ""
+    return text if text and not _is_rejected(text) else None
+
+
+def _comparisons(prediction: Any, gold: Any, numeric_fallback: bool) -> str | list[tuple[str, str]]:
+    """A final result code, or the (gold, candidate) comparisons that decide it."""
+    gold_text, text = _gold_text(gold), _as_text(prediction)
+    if gold_text is None:
+        return BAD_GOLD
+    if len(text) > MAX_COMPLETION_CHARS:
+        return REJECTED
+    candidates = extract_answers(text, numeric_fallback)
+    return [(gold_text, candidate) for candidate in candidates] if candidates else WRONG
+
+
+def _combine(codes: list[str]) -> str:
+    """Every boxed candidate must be right: boxing one wrong answer besides the right one fails."""
+    return next((code for code in (BAD_GOLD, WRONG, TIMEOUT, ERROR, REJECTED) if code in codes), CORRECT)
+
+
+def grade_codes(
+    predictions: Sequence[Any],
+    golds: Sequence[Any],
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    num_workers: int | None = None,
+    numeric_fallback: bool = False,
+) -> list[str]:
+    """grade_batch with the reason: CORRECT, WRONG, BAD_GOLD, REJECTED, TIMEOUT or ERROR."""
+    if len(predictions) != len(golds):
+        raise ValueError(f"{len(predictions)} predictions but {len(golds)} golds")
+    items = [_comparisons(p, g, numeric_fallback) for p, g in zip(predictions, golds)]
+    codes = {pair: _fast_code(*pair) for item in items if isinstance(item, list) for pair in item}
+    if todo := [pair for pair, code in codes.items() if code is None]:  # each distinct pair once
+        codes.update(zip(todo, _run_on_pool(todo, timeout_s, num_workers or default_num_workers())))
+    results = [item if isinstance(item, str) else _combine([codes[pair] for pair in item]) for item in items]
+    GRADER_STATS.update(
+        graded=len(results), worker_jobs=len(todo), rejected=results.count(REJECTED), bad_gold=results.count(BAD_GOLD)
+    )
+    return results
+
+
+def grade_batch(
+    predictions: Sequence[Any],
+    golds: Sequence[Any],
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    num_workers: int | None = None,
+    numeric_fallback: bool = False,
+) -> list[bool | None]:
+    """Grade completions (or bare answers) against gold answers, hard cases in parallel.
+
+    True = equivalent, False = wrong / no final answer, None = cannot grade. A hard case
+    costs at most ~timeout_s; nothing here hangs or raises on hostile input.
+    """
+    return [_VERDICT.get(code) for code in grade_codes(predictions, golds, timeout_s, num_workers, numeric_fallback)]
+
+
+def grade(
+    completion_answer_or_text: Any, gold: Any, timeout_s: float = DEFAULT_TIMEOUT_S, numeric_fallback: bool = False
+) -> bool | None:
+    """Grade one completion or bare answer against a gold answer (see grade_batch)."""
+    return grade_batch([completion_answer_or_text], [gold], timeout_s, numeric_fallback=numeric_fallback)[0]
+
+
+# ----------------------------------------------------------------------------- TRL rewards
+RewardFn = Callable[..., list[float | None]]
+_FORMAT_TRAILER_RE = re.compile(r"(?:\s|\$|\.|\\\]|\\\))*")
+
+
+def completion_text(completion: Any) -> str:
+    """Assistant text of a TRL completion: a plain string or a list of chat messages."""
+    if not isinstance(completion, list):
+        return _as_text(completion)
+    turns = [m for m in completion if isinstance(m, Mapping) and m.get("role", "assistant") == "assistant"]
+    content = turns[-1].get("content", "") if turns else ""
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+        content = "".join(part.get("text", "") for part in content if isinstance(part, Mapping))
+    return _as_text(content)
+
+
+def make_correctness_reward(
+    numeric_fallback: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S, num_workers: int | None = None
+) -> RewardFn:
+    """1.0 correct; 0.0 wrong, no answer or ungradable completion; None when the gold is bad."""
+
+    def correctness_reward(completions: list, answer: list, **kwargs: Any) -> list[float | None]:
+        texts = [completion_text(c) for c in completions]
+        codes = grade_codes(texts, answer, timeout_s, num_workers, numeric_fallback)
+        if callable(log_metric := kwargs.get("log_metric")):  # TRL passes it: hangs show in the logs
+            log_metric("grader/timeouts", float(codes.count(TIMEOUT)))
+        return [None if code == BAD_GOLD else float(code == CORRECT) for code in codes]
+
+    correctness_reward.__name__ = "correctness_reward"
+    return correctness_reward
+
+
+def make_format_reward(pattern: str = BOXED_PATTERN) -> RewardFn:
+    """1.0 when exactly one non-empty box ends the assistant turn (only space, $, ., \\] after it)."""
+    box_re = re.compile(pattern)
+
+    def format_reward(completions: list, **kwargs: Any) -> list[float]:
+        rewards = []
+        for completion in completions:
+            text = completion_text(completion)
+            boxes = find_boxes(text, box_re) if len(text) <= MAX_COMPLETION_CHARS else []
+            ok = len(boxes) == 1 and bool((boxes[0][0] or "").strip())
+            rewards.append(float(ok and _FORMAT_TRAILER_RE.fullmatch(text, boxes[0][1]) is not None))
+        return rewards
+
+    format_reward.__name__ = "format_reward"
+    return format_reward
+
+
+def make_length_penalty(max_length: int, soft_margin: int, unit: str = "tokens") -> RewardFn:
+    """0 up to max_length - soft_margin, then linearly down to -1 at max_length (and beyond).
+
+    unit="tokens" counts TRL's `completion_ids`; unit="chars" counts the completion text.
+    """
+    if unit not in ("tokens", "chars"):
+        raise ValueError(f"unit must be 'tokens' or 'chars', got {unit!r}")
+    if not 0 < soft_margin <= max_length:
+        raise ValueError(f"need 0 < soft_margin <= max_length, got {soft_margin=} {max_length=}")
+
+    def length_penalty(completions: list, completion_ids: list | None = None, **kwargs: Any) -> list[float]:
+        if unit == "chars":
+            lengths = [len(completion_text(c)) for c in completions]
+        elif completion_ids is None:
+            raise ValueError("length_penalty(unit='tokens') needs completion_ids (TRL passes them)")
+        else:
+            lengths = [len(ids) for ids in completion_ids]
+        return [-min(1.0, max(0, n - (max_length - soft_margin)) / soft_margin) for n in lengths]
+
+    length_penalty.__name__ = "length_penalty"
+    return length_penalty
+
+
+correctness_reward = make_correctness_reward()
+format_reward = make_format_reward()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Grade one completion against a gold answer.")
+    parser.add_argument("--gold", required=True, help="gold answer, or a GSM8K / MATH solution")
+    parser.add_argument("--completion", required=True, help="model completion, or a bare answer")
+    parser.add_argument("--numeric_fallback", action="store_true", help="last number counts (GSM8K-style)")
+    parser.add_argument("--timeout_s", type=float, default=DEFAULT_TIMEOUT_S)
+    args = parser.parse_args()
+    start = time.perf_counter()
+    code = grade_codes([args.completion], [args.gold], args.timeout_s, numeric_fallback=args.numeric_fallback)[0]
+    elapsed = time.perf_counter() - start
+    print(f"gold answer : {_gold_text(args.gold)!r}")
+    print(f"extracted   : {extract_answers(args.completion, args.numeric_fallback)!r}")
+    path = "math-verify worker" if GRADER_STATS["worker_jobs"] else "fast path"
+    print(f"verdict     : {_VERDICT.get(code)} ({code}; {path})")
+    print(f"time        : {elapsed * 1000:.1f} ms (a first worker call includes starting it)")
+    shutdown_pool()
+
+
+if __name__ == "__main__":
+    main()
