@@ -1,0 +1,257 @@
+"""evaluate.py: the whole eval on the tiny default (offline), batch-size invariance, resume after a kill, data
+errors, compare mode with a LoRA adapter, metrics, and oracle / shuffled-solution runs on the real benchmark files
+(which test the pipeline and the grader, not a model)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+import data
+import evaluate
+from evaluate import EvalArguments, main, stand_in
+from tiny import resolve_model_path, write_tiny_datasets
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARK_DIR = REPO.parent / "shared" / "benchmarks"
+REAL_FILES = {"gsm8k": BENCHMARK_DIR / "gsm8k_test.jsonl", "math500": BENCHMARK_DIR / "math500_test.jsonl"}
+METRICS = ("checkpoint", "benchmark", "num_steps", "n", "accuracy", "ci95_low", "ci95_high", "ungradable",
+           "truncated", "mean_output_tokens", "lm_eval_strict", "lm_eval_flexible")
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    return write_tiny_datasets(tmp_path_factory.mktemp("tiny-data"))
+
+
+def tiny_args(tiny_data: Path, output_dir: Path, **overrides) -> EvalArguments:
+    settings = dict(model_name_or_path="tiny-huginn", limit=6, num_steps=[1, 4], max_new_tokens=12, batch_size=8,
+                    benchmarks=[str(tiny_data / "gsm8k_test.jsonl"), str(tiny_data / "math_test.jsonl")],
+                    dtype="float32", output_dir=str(output_dir))
+    return EvalArguments(**{**settings, **overrides})
+
+
+def read_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def completions(output_dir: Path) -> dict:
+    return {(r["checkpoint"], r["benchmark"], r["steps"], r["id"]): r["completion"]
+            for r in read_lines(output_dir / "samples.jsonl")}
+
+
+def metrics(output_dir: Path) -> list[dict]:
+    cells = json.loads((output_dir / "results.json").read_text())["results"]
+    return [{key: cell.get(key) for key in METRICS} for cell in cells]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_data, tmp_path_factory) -> Path:
+    """One uninterrupted greedy run, batch size 8."""
+    output_dir = tmp_path_factory.mktemp("eval-batch8")
+    main(tiny_args(tiny_data, output_dir))
+    return output_dir
+
+
+def test_tiny_run_writes_results_samples_and_plot(tiny_run):
+    results = json.loads((tiny_run / "results.json").read_text())
+    cells = results["results"]
+    assert [(c["benchmark"], c["num_steps"]) for c in cells] == [
+        ("gsm8k_test", 1), ("gsm8k_test", 4), ("math_test", 1), ("math_test", 4)]
+    for cell in cells:
+        assert cell["n"] == 6 and 0 <= cell["ci95_low"] <= cell["accuracy"] <= cell["ci95_high"] <= 1
+        assert 0 < cell["mean_output_tokens"] <= 12 and cell["tokens_per_s"] > 0
+    assert "lm_eval_strict" in cells[0] and "lm_eval_strict" not in cells[2]  # GSM8K's lm-eval scores only
+    example = results["prompt"]["examples"]["gsm8k_test"]
+    assert example.startswith("<|begin_text|><|begin_header|>system<|end_header|>\n\n" + data.SYSTEM_PROMPT)
+    assert example.endswith(data.ANSWER_INSTRUCTION + "<|end_turn|><|begin_header|>Huginn<|end_header|>\n\n")
+    assert results["versions"]["torch"] == torch.__version__ and "git_commit" in results
+    samples = read_lines(tiny_run / "samples.jsonl")
+    assert len(samples) == 2 * 2 * 6
+    assert {"id", "prompt", "completion", "extracted", "gold", "correct", "steps"} <= set(samples[0])
+    assert (tiny_run / "accuracy_vs_steps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    by_steps = {steps: {k[1:]: v for k, v in completions(tiny_run).items() if k[2] == steps} for steps in (1, 4)}
+    assert by_steps[1] != by_steps[4]  # num_steps reaches the model
+
+
+def test_greedy_results_do_not_depend_on_batch_size(tiny_data, tiny_run, tmp_path):
+    main(tiny_args(tiny_data, tmp_path, batch_size=1))
+    assert completions(tmp_path) == completions(tiny_run)
+    assert metrics(tmp_path) == metrics(tiny_run)
+
+
+def test_resume_after_kill_gives_same_results(tiny_data, tiny_run, tmp_path):
+    output_dir = tmp_path / "resumed"
+    shutil.copytree(tiny_run, output_dir)
+    (output_dir / "results.json").unlink()
+    lines = (output_dir / "samples.jsonl").read_text().splitlines(keepends=True)
+    kept = "".join(lines[:10]) + lines[10][: len(lines[10]) // 2]  # killed mid-write of line 11
+    (output_dir / "samples.jsonl").write_text(kept)
+    main(tiny_args(tiny_data, output_dir))
+    resumed = (output_dir / "samples.jsonl").read_text()
+    assert resumed.startswith("".join(lines[:10]))  # finished samples kept, not generated again
+    assert len(read_lines(output_dir / "samples.jsonl")) == len(lines)  # no duplicates, no broken line
+    assert completions(output_dir) == completions(tiny_run)
+    assert metrics(output_dir) == metrics(tiny_run)
+
+
+def test_resume_refuses_other_generation_settings(tiny_data, tiny_run, tmp_path):
+    output_dir = tmp_path / "other"
+    shutil.copytree(tiny_run, output_dir)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        main(tiny_args(tiny_data, output_dir, max_new_tokens=20))
+
+
+@pytest.mark.parametrize("load_in_4bit", [False, True], ids=["merged", "nf4-unmerged"])
+def test_compare_mode_with_lora_adapter(tiny_data, tmp_path, load_in_4bit):
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny-huginn"), dtype=torch.float32)
+    torch.manual_seed(0)
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=["Wqkv", "fc"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "adapter")
+    output_dir = tmp_path / "compare"
+    cells = main(tiny_args(tiny_data, output_dir, adapters=["base", f"lora={tmp_path / 'adapter'}"], limit=3,
+                           num_steps=[2], max_new_tokens=8, load_in_4bit=load_in_4bit,
+                           benchmarks=[str(tiny_data / "gsm8k_test.jsonl")]))
+    assert [c["checkpoint"] for c in cells] == ["base", "lora"]
+    by_checkpoint = {name: {k[1:]: v for k, v in completions(output_dir).items() if k[0] == name}
+                     for name in ("base", "lora")}
+    assert by_checkpoint["base"] != by_checkpoint["lora"]  # the adapter is applied
+    assert (output_dir / "accuracy_vs_steps.png").exists()
+
+
+def test_sampling_reports_pass_at_k_and_majority_vote(tiny_data, tmp_path):
+    """A stand-in right on samples 0-2 and wrong on sample 3 of every problem: pass@1 0.75, pass@4 and maj@4 1."""
+    def three_of_four(request):
+        return f"\\boxed{{{request['answer']}}}" if request["sample"] < 3 else "\\boxed{-1}"
+
+    cells = main(tiny_args(tiny_data, tmp_path, do_sample=True, num_samples=4, num_steps=[8],
+                           benchmarks=[str(tiny_data / "math_test.jsonl")]), backends={"fake": stand_in(three_of_four)})
+    (cell,) = cells
+    assert cell["accuracy"] == cell["pass@1"] == 0.75
+    assert cell["pass@2"] == 1.0 and cell["pass@4"] == 1.0 and cell["maj@4"] == 1.0
+    assert len(read_lines(tmp_path / "samples.jsonl")) == 6 * 4
+
+
+def test_sampling_generates_different_samples(tiny_data, tmp_path):
+    main(tiny_args(tiny_data, tmp_path, do_sample=True, num_samples=3, num_steps=[2], limit=2, max_new_tokens=8,
+                   temperature=1.0, top_p=1.0, benchmarks=[str(tiny_data / "math_test.jsonl")]))
+    samples = read_lines(tmp_path / "samples.jsonl")
+    assert sorted(r["sample"] for r in samples) == [0, 0, 1, 1, 2, 2]
+    assert len({r["completion"] for r in samples}) > 2
+
+
+def test_fewshot_prompt_has_solved_exemplars_as_chat_turns(tiny_data, tmp_path):
+    echo = stand_in(lambda request: request["prompt"])
+    main(tiny_args(tiny_data, tmp_path, num_fewshot=2, fewshot_source=str(tiny_data / "gsm8k_train.jsonl"),
+                   system_prompt="", benchmarks=[str(tiny_data / "gsm8k_test.jsonl")]), backends={"echo": echo})
+    prompt = read_lines(tmp_path / "samples.jsonl")[0]["prompt"]
+    assert "<|begin_header|>system" not in prompt
+    assert prompt.count("<|begin_header|>user<|end_header|>") == 3
+    turns = prompt.split("<|begin_header|>Huginn<|end_header|>\n\n")
+    assert len(turns) == 4 and turns[-1] == ""  # two answered exemplars, then the generation prompt
+    assert all("The final answer is \\boxed{" in turn and "<<" not in turn for turn in turns[1:3])
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture
+def gsm8k_rows(tiny_data) -> list[dict]:
+    return read_lines(tiny_data / "gsm8k_test.jsonl")[:8]
+
+
+def test_corrupt_data_file_names_file_and_row(gsm8k_rows, tmp_path):
+    path = write_jsonl(tmp_path / "corrupt.jsonl", gsm8k_rows)
+    lines = path.read_text().splitlines()
+    lines[4] = lines[4][:15]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(data.DataError, match=r"corrupt\.jsonl: row 4 \(line 5\): not valid JSON"):
+        main(EvalArguments(benchmarks=[str(path)], output_dir=str(tmp_path / "out")), backends={"x": stand_in(str)})
+
+
+def test_schema_mismatched_data_file_names_file_row_and_field(gsm8k_rows, tmp_path):
+    path = write_jsonl(tmp_path / "missing.jsonl", gsm8k_rows[:3] + [{"question": "?"}] + gsm8k_rows[4:])
+    with pytest.raises(data.DataError, match=r"missing\.jsonl: row 3: field 'answer' is missing"):
+        main(EvalArguments(benchmarks=[str(path)], output_dir=str(tmp_path / "out")), backends={"x": stand_in(str)})
+    path = write_jsonl(tmp_path / "renamed.jsonl", [{"query": r["question"], "response": r["answer"]}
+                                                     for r in gsm8k_rows])
+    with pytest.raises(data.DataError, match=r"renamed\.jsonl: columns \['query', 'response'\] match no known schema"):
+        main(EvalArguments(benchmarks=[str(path)], output_dir=str(tmp_path / "out")), backends={"x": stand_in(str)})
+
+
+def test_config_file_parses_and_unknown_keys_are_errors(tmp_path):
+    args = evaluate.parse_args(["--config", str(REPO / "configs/eval_tiny.yaml")])
+    assert args.model_name_or_path == "tiny-huginn" and args.num_steps == [1, 4, 8, 16]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model_name_or_path: tiny-huginn\nnum_step: [4]\n")
+    with pytest.raises(ValueError, match="num_step"):
+        evaluate.parse_args(["--config", str(bad)])
+    with pytest.raises(ValueError, match="--num_step"):
+        evaluate.parse_args(["--num_step", "4"])
+
+
+def test_adaptive_exit_is_not_faked(tmp_path):
+    with pytest.raises(NotImplementedError, match="not yet supported"):
+        main(EvalArguments(exit_threshold=5e-4, output_dir=str(tmp_path)))
+
+
+def test_lm_eval_gsm8k_strict_and_flexible():
+    assert evaluate.lm_eval_gsm8k("so 1,200 + 34 = 1,234\n#### 1,234", "1234") == (True, True)
+    assert evaluate.lm_eval_gsm8k("3 + 4 = 7. The answer is 7.", "7") == (True, True)
+    assert evaluate.lm_eval_gsm8k("She makes $18 every day.", "18") == (False, True)
+    assert evaluate.lm_eval_gsm8k("The answer is 17. No wait, 18", "18") == (False, True)
+    assert evaluate.lm_eval_gsm8k("\\boxed{18}", "18") == (False, True)
+    assert evaluate.lm_eval_gsm8k("The answer is 18.5 dollars", "18") == (False, False)
+    assert evaluate.lm_eval_gsm8k("The answer is 18", "18") == (False, True)  # lm-eval's regex wants a char after
+
+
+def test_wilson_interval_and_pass_at_k():
+    low, high = evaluate.wilson_interval(0, 10)
+    assert low == 0 and high == pytest.approx(0.2775, abs=1e-4)
+    low, high = evaluate.wilson_interval(50, 100)
+    assert (low, high) == pytest.approx((0.4038, 0.5962), abs=1e-4)
+    assert evaluate.pass_at_k(5, 1, 1) == pytest.approx(0.2) and evaluate.pass_at_k(5, 1, 5) == 1.0
+    assert evaluate.pass_at_k(4, 0, 2) == 0.0 and evaluate.pass_at_k(4, 2, 2) == pytest.approx(1 - 1 / 6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Oracle runs on the real benchmark files: a stand-in returning each problem's gold solution must score ~100%,
+# one returning another problem's solution (with a different gold answer) ~0%.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def oracle_cells(tmp_path_factory) -> dict:
+    if not all(path.is_file() for path in REAL_FILES.values()):
+        pytest.skip(f"real benchmark files not in {BENCHMARK_DIR}")
+    other_solution = {}
+    for label, path in REAL_FILES.items():
+        rows, _ = evaluate.load_rows(str(path))
+        for i, row in enumerate(rows):
+            other = next(rows[(i + offset) % len(rows)] for offset in range(1, len(rows))
+                         if rows[(i + offset) % len(rows)]["answer"].strip() != row["answer"].strip())
+            other_solution[label, row["id"]] = other["solution"]
+    backends = {"oracle": stand_in(lambda request: request["solution"]),
+                "shuffled": stand_in(lambda request: other_solution[request["benchmark"], request["id"]])}
+    args = EvalArguments(benchmarks=[f"{label}={path}" for label, path in REAL_FILES.items()], num_steps=[32],
+                         batch_size=256, output_dir=str(tmp_path_factory.mktemp("oracle")))
+    return {(c["checkpoint"], c["benchmark"]): c for c in main(args, backends=backends)}
+
+
+@pytest.mark.parametrize("label, size", [("gsm8k", 1319), ("math500", 500)])
+def test_oracle_gold_solutions_score_at_least_99_percent(oracle_cells, label, size):
+    cell = oracle_cells["oracle", label]
+    assert cell["n"] == size and cell["accuracy"] >= 0.99
+    if label == "gsm8k":  # '#### N' is lm-eval's strict format
+        assert cell["lm_eval_strict"] >= 0.99 and cell["lm_eval_flexible"] >= 0.99
+
+
+@pytest.mark.parametrize("label", ["gsm8k", "math500"])
+def test_shuffled_solutions_score_at_most_half_a_percent(oracle_cells, label):
+    assert oracle_cells["shuffled", label]["accuracy"] <= 0.005
