@@ -271,7 +271,7 @@ class HuginnDepthSampler:
         self.generator.set_state(state["generator"])
 
 
-def _hash32(x: torch.Tensor) -> torch.Tensor:
+def hash32(x: torch.Tensor) -> torch.Tensor:
     """A 32-bit integer mixer (lowbias32) on int64 tensors holding values in [0, 2**32)."""
     mask = 0xFFFFFFFF
     x = ((x ^ (x >> 16)) * 0x7FEB352D) & mask
@@ -279,18 +279,23 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def seeded_truncated_normal(seeds: torch.Tensor, position_ids: torch.Tensor, dim: int) -> torch.Tensor:
-    """Standard normal truncated at +-3, a pure function of (row seed, token position, channel): (batch, seq, dim).
-
-    A counter-based draw (not a stateful RNG), so the initial state of a token is the same whether the sequence
-    is run whole (training, scoring) or token by token (generation), and whatever the padding."""
+def seeded_uniform(seeds: torch.Tensor, positions: torch.Tensor, width: int) -> torch.Tensor:
+    """Uniform numbers in (0, 1), a pure function of (row seed, position, index < width): (*positions.shape, width),
+    float64. A counter-based draw (no RNG state), so a row gets the same numbers in any batch, whole or token by
+    token."""
     mask = 0xFFFFFFFF
-    row = _hash32(seeds.long()[:, None] & mask)
-    token = _hash32(row ^ (position_ids.long() & mask))  # (batch, seq)
-    channel = torch.arange(dim, device=seeds.device, dtype=torch.long) * 0x9E3779B9 & mask
-    bits = _hash32(token[..., None] ^ channel)  # (batch, seq, dim)
-    uniform = (bits.double() + 0.5) / 2**32
+    row = hash32(seeds.long() & mask).view(-1, *([1] * (positions.dim() - 1)))
+    token = hash32(row ^ (positions.long() & mask))
+    index = torch.arange(width, device=seeds.device, dtype=torch.long) * 0x9E3779B9 & mask
+    return (hash32(token[..., None] ^ index).double() + 0.5) / 2**32
+
+
+def seeded_truncated_normal(seeds: torch.Tensor, position_ids: torch.Tensor, dim: int) -> torch.Tensor:
+    """Standard normal truncated at +-3 from `seeded_uniform` (inverse CDF): (batch, seq, dim). The initial state of
+    a token is then the same whether its sequence runs whole (training, scoring) or token by token (generation),
+    whatever the padding."""
     lo, hi = 0.5 * math.erfc(3 / math.sqrt(2)), 0.5 * math.erfc(-3 / math.sqrt(2))  # Phi(-3), Phi(3)
+    uniform = seeded_uniform(seeds, position_ids, dim)
     return (math.sqrt(2) * torch.erfinv(2 * (lo + uniform * (hi - lo)) - 1)).float()
 
 
@@ -408,7 +413,7 @@ class HuginnModel(HuginnPreTrainedModel):
         if init_state != "random":
             raise ValueError(f"init_state must be 'random' or 'zero', got {init_state!r}")
         if state_seeds is None and self.default_state_seed is not None:
-            state_seeds = torch.full(embedded.shape[:1], self.default_state_seed, dtype=torch.long)
+            state_seeds = torch.full(embedded.shape[:1], self.default_state_seed, device=embedded.device)
         if state_seeds is not None:
             noise = seeded_truncated_normal(state_seeds.to(embedded.device), position_ids, embedded.shape[-1])
         else:
@@ -616,7 +621,7 @@ class HuginnForCausalLM(HuginnPreTrainedModel, GenerationMixin):
             attention_mask = torch.ones_like(input_ids)
         eos_ids = torch.tensor(_as_list(config.eos_token_id), device=input_ids.device)
         pad_id = config.pad_token_id if config.pad_token_id is not None else int(eos_ids[0])
-        warpers = _sampling_warpers(config)
+        warpers = sampling_warpers(config.temperature, config.top_k, config.top_p)
         cache = HuginnKVCache(self.config, batch, prompt_len + config.max_new_tokens,
                               min(kv_cache_slots or sum(steps), sum(steps)), self.transformer.wte.weight.dtype,
                               input_ids.device)
@@ -666,14 +671,15 @@ def _merge_generation_config(base: GenerationConfig, overrides: dict) -> Generat
     return config
 
 
-def _sampling_warpers(config: GenerationConfig) -> LogitsProcessorList:
+def sampling_warpers(temperature: float | None, top_k: int | None, top_p: float | None) -> LogitsProcessorList:
+    """transformers' logits warpers for sampling; the identity ones are left out."""
     warpers = LogitsProcessorList()
-    if config.temperature is not None and config.temperature != 1.0:
-        warpers.append(TemperatureLogitsWarper(config.temperature))
-    if config.top_k:
-        warpers.append(TopKLogitsWarper(config.top_k))
-    if config.top_p is not None and config.top_p < 1.0:
-        warpers.append(TopPLogitsWarper(config.top_p))
+    if temperature is not None and temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p is not None and top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
     return warpers
 
 
