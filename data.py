@@ -5,10 +5,19 @@ Every source (hub dataset or local JSONL/JSON/parquet file in the same schema) i
 assistant turn ending with the answer in \\boxed{} (what rewards.py grades).
 """
 
+import logging
 import re
+import shutil
+import tempfile
+from collections import Counter
 from pathlib import Path
 
-from datasets import Dataset, IterableDataset, load_dataset
+from datasets import Dataset, IterableDataset, concatenate_datasets, load_dataset
+
+import rewards
+import tiny
+
+logger = logging.getLogger(__name__)
 
 SYSTEM_PROMPT = "You are a helpful assistant that can assist users with mathematical reasoning."
 ANSWER_INSTRUCTION = "Solve the problem step by step and put the final answer in \\boxed{}."
@@ -92,3 +101,147 @@ def boxed_solution(solution: str, answer: str) -> str:
         return solution
     body = re.sub(r"<<[^>]*>>", "", solution.rsplit("####", 1)[0]).strip()
     return f"{body}\nThe final answer is \\boxed{{{answer}}}."
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SFT examples (train_sft.py): read, screen, render, tokenize, count
+# ---------------------------------------------------------------------------------------------------------------
+
+TINY_SOURCE_PREFIX = "tiny:"  # "tiny:gsm8k_train": that file of tiny.TINY_DATASETS, written to the cache on first use
+SFT_SPLITS = {"openai/gsm8k": "train", "EleutherAI/hendrycks_math": "train"}  # hub sets whose default split is test
+MATH_SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory",
+                 "prealgebra", "precalculus")
+CODE_MARKER = "<llm-code>"  # OpenMathInstruct-1 solutions that run Python and paste its output
+OVERLONG_MODES = ("drop", "truncate")
+
+
+def tiny_data_dir() -> Path:
+    """tiny.py's generated datasets in the tiny cache, written whole on first use (a temp dir renamed into place, so
+    concurrent processes never read a half-written file)."""
+    path = tiny.CACHE_DIR / "tiny-data"
+    if not path.is_dir():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_dir = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tiny-data."))
+        tiny.write_tiny_datasets(tmp_dir)
+        try:
+            tmp_dir.rename(path)
+        except OSError:  # another process renamed its identical copy first
+            shutil.rmtree(tmp_dir)
+    return path
+
+
+def resolve_source(source: str) -> str:
+    """`tiny:<name>` maps to the generated tiny file `<name>.jsonl`; any other source is unchanged."""
+    if not source.startswith(TINY_SOURCE_PREFIX):
+        return source
+    name = source.removeprefix(TINY_SOURCE_PREFIX) + ".jsonl"
+    if name not in tiny.TINY_DATASETS:
+        known = sorted(TINY_SOURCE_PREFIX + Path(file).stem for file in tiny.TINY_DATASETS)
+        raise DataError(f"{source}: no such tiny dataset (known: {known})")
+    return str(tiny_data_dir() / name)
+
+
+def load_hendrycks_math(split: str) -> Dataset:
+    """EleutherAI/hendrycks_math, all subjects, in the "math" schema. It has one config per subject and no "answer"
+    column: the answer is the solution's last \\boxed{} (empty when there is none, so the row counts as malformed)."""
+    subjects = [load_dataset("EleutherAI/hendrycks_math", subject, split=split) for subject in MATH_SUBJECTS]
+    return concatenate_datasets(subjects).map(lambda row: {"answer": rewards.gold_answer(row) or ""})
+
+
+def read_sft_source(source: str, split: str | None, streaming: bool, max_samples: int | None) -> tuple[Dataset, str]:
+    """The first `max_samples` rows (all when None) of one source, in memory or the datasets cache, and its schema.
+    Streaming reads only those rows from the hub (OpenMathInstruct-2's 14M rows never touch the disk)."""
+    split = split or SFT_SPLITS.get(source)
+    if source == "EleutherAI/hendrycks_math":
+        dataset, schema = load_hendrycks_math(split), "math"
+    else:
+        dataset, schema = load_source(resolve_source(source), split, streaming)
+    if streaming:
+        if max_samples is None:
+            raise DataError(f"{source}: streaming reads max_samples rows; set max_samples")
+        return Dataset.from_list(list(dataset.take(max_samples))), schema
+    if max_samples is not None and max_samples < len(dataset):
+        dataset = dataset.select(range(max_samples))
+    return dataset, schema
+
+
+def screen_row(row: dict, index: int, schema: str, source: str, keep_code: bool) -> dict:
+    """The normalised fields of one row and why it is skipped: "" (kept), "incorrect" (OpenMathInstruct-1's
+    is_correct is false), "code" (a solution running Python, unless keep_code) or "malformed: <DataError>"."""
+    try:
+        fields = normalise_row(row, schema, source, index)
+    except DataError as error:
+        return {"problem": "", "solution": "", "answer": "", "skip": f"malformed: {error}"}
+    if row.get("is_correct") is False:
+        return {**fields, "skip": "incorrect"}
+    if not keep_code and CODE_MARKER in fields["solution"]:
+        return {**fields, "skip": "code"}
+    return {**fields, "skip": ""}
+
+
+def sft_messages(row: dict, system_prompt: str | None = SYSTEM_PROMPT) -> list[dict]:
+    """The chat SFT trains on: the zero-shot prompt evaluate.py asks, answered by the solution ending in \\boxed{}."""
+    solution = boxed_solution(row["solution"], row["answer"])
+    return prompt_messages(row["problem"], system_prompt) + [{"role": "assistant", "content": solution}]
+
+
+def tokenize_sft_row(row: dict, tokenizer, system_prompt: str | None = SYSTEM_PROMPT) -> dict:
+    """input_ids of the rendered chat; labels equal them on the assistant's tokens (its end-of-turn included, so the
+    model learns to stop) and are -100 elsewhere. The chat template must mark the assistant turn with
+    `{% generation %}`."""
+    encoded = tokenizer.apply_chat_template(sft_messages(row, system_prompt), tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+    labels = [token if in_answer else -100 for token, in_answer in zip(encoded["input_ids"], encoded["assistant_masks"])]
+    return {"input_ids": encoded["input_ids"], "labels": labels}
+
+
+def fit_length(dataset: Dataset, max_length: int, overlong: str, num_proc: int | None) -> Dataset:
+    """Rows longer than max_length tokens dropped, or truncated (then dropped only if no answer token is left)."""
+    if overlong == "drop":
+        return dataset.filter(lambda ids: len(ids) <= max_length, input_columns="input_ids", num_proc=num_proc)
+    truncated = dataset.map(lambda row: {key: row[key][:max_length] for key in ("input_ids", "labels")},
+                            num_proc=num_proc)
+    return truncated.filter(lambda labels: any(label != -100 for label in labels), input_columns="labels",
+                            num_proc=num_proc)
+
+
+def build_sft_source(source: str, tokenizer, max_length: int, *, split: str | None = None, streaming: bool = False,
+                     max_samples: int | None = None, keep_code: bool = False, overlong: str = "drop",
+                     max_bad_fraction: float = 0.01, system_prompt: str | None = SYSTEM_PROMPT,
+                     num_proc: int | None = None) -> tuple[Dataset, Counter]:
+    """Tokenized SFT examples {"input_ids", "labels"} of one source and their counts: read, kept, malformed,
+    incorrect, code, overlong (longer than max_length) and overlong_dropped. Raises DataError, quoting the first bad
+    rows (file, row, field), when more than `max_bad_fraction` of the rows read are malformed."""
+    if overlong not in OVERLONG_MODES:
+        raise ValueError(f"overlong must be one of {OVERLONG_MODES}, got {overlong!r}")
+    dataset, schema = read_sft_source(source, split, streaming, max_samples)
+    screened = dataset.map(screen_row, with_indices=True, remove_columns=dataset.column_names, num_proc=num_proc,
+                           fn_kwargs={"schema": schema, "source": source, "keep_code": keep_code})
+    skips = screened["skip"]
+    counts = Counter(read=len(skips), **Counter(skip.split(":")[0] for skip in skips if skip))
+    malformed = [skip.removeprefix("malformed: ") for skip in skips if skip.startswith("malformed")]
+    if malformed and len(malformed) > max_bad_fraction * len(skips):
+        raise DataError(f"{source}: {len(malformed)} of {len(skips)} rows are malformed, more than max_bad_fraction="
+                        f"{max_bad_fraction}; first: " + " | ".join(malformed[:3]))
+    kept = screened.filter(lambda skip: not skip, input_columns="skip", num_proc=num_proc)
+    tokenized = kept.map(tokenize_sft_row, fn_kwargs={"tokenizer": tokenizer, "system_prompt": system_prompt},
+                         remove_columns=kept.column_names, num_proc=num_proc)
+    fitted = fit_length(tokenized, max_length, overlong, num_proc)
+    counts["overlong"] = len(tokenized.filter(lambda ids: len(ids) > max_length, input_columns="input_ids",
+                                              num_proc=num_proc))
+    counts["overlong_dropped"] = len(tokenized) - len(fitted)
+    counts["kept"] = len(fitted)
+    if malformed:
+        logger.warning(f"{source}: skipped {len(malformed)} malformed rows; first: {malformed[0]}")
+    return fitted, counts
+
+
+def build_sft_dataset(sources: list[str], tokenizer, max_length: int, **options) -> tuple[Dataset, dict[str, Counter]]:
+    """All sources' examples concatenated (the trainer shuffles them) and each source's counts (build_sft_source)."""
+    built = {source: build_sft_source(source, tokenizer, max_length, **options) for source in sources}
+    for source, (_, counts) in built.items():
+        logger.info(f"SFT data {source}: " + ", ".join(f"{key} {value}" for key, value in counts.items()))
+    dataset = concatenate_datasets([examples for examples, _ in built.values()])
+    if len(dataset) == 0:
+        raise DataError(f"{sources}: no usable SFT example (see the counts above)")
+    return dataset, {source: counts for source, (_, counts) in built.items()}
