@@ -583,6 +583,13 @@ def grade_batch(
     return [_VERDICT.get(code) for code in grade_codes(predictions, golds, timeout_s, num_workers, numeric_fallback)]
 
 
+def gradable_golds(golds: Sequence[Any], timeout_s: float = DEFAULT_TIMEOUT_S) -> list[bool]:
+    """Whether each gold answer can grade anything: it is compared with a probe answer, which makes the grader
+    parse it (an unparsable gold is BAD_GOLD whatever the prediction; the probe's own verdict is irrelevant)."""
+    codes = grade_codes(["\\boxed{0}"] * len(golds), golds, timeout_s)
+    return [code != BAD_GOLD for code in codes]
+
+
 def grade(
     completion_answer_or_text: Any, gold: Any, timeout_s: float = DEFAULT_TIMEOUT_S, numeric_fallback: bool = False
 ) -> bool | None:

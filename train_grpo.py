@@ -1,0 +1,214 @@
+"""GRPO reinforcement learning of huginn-0125 (QLoRA) with answer-correctness rewards, on TRL's GRPOTrainer.
+
+    # tiny offline default, CPU (starts from the tiny SFT adapter when present, else from the base)
+    python train_grpo.py --config configs/grpo_tiny.yaml
+    # huginn-0125 on one 24 GB GPU, from an SFT adapter
+    python train_grpo.py --config configs/grpo_huginn_24gb.yaml --sft_adapter outputs/sft-huginn
+    # several GPUs
+    accelerate launch --config_file configs/accelerate_ddp.yaml train_grpo.py --config configs/grpo_huginn_24gb.yaml
+
+How this departs from GRPO as published (DeepSeekMath, then DeepSeek-R1-Zero):
+- Depth is part of the policy. Each generation round draws one recurrence depth from `rollout_num_steps`
+  (default: always 32); the rollout and every later log-probability of its sequences use that depth, with
+  gradient through the last `backprop_steps` recurrent steps only (truncated backprop, as in pretraining).
+- The initial latent state is random as in pretraining but seeded (`state_seed`): a token's initial state is a
+  function of the seed and its position, identical in the rollout and in the loss, so the importance ratio is
+  exactly 1 before the first update. Exploration comes from sampling, not from the state noise.
+- The KL reference is the base model with the LoRA adapter disabled: no second copy in memory.
+- Loss and advantage defaults are TRL's (`loss_type: dapo`-style token-level normalisation, group-scaled
+  rewards); `beta: 0.0` by default as in DAPO / Dr. GRPO, set it > 0 for the KL term.
+- Rewards: math-verify correctness (1/0) plus a small format reward; a reward function that raises or times out
+  gives that completion 0 and a counted warning instead of stopping the run.
+"""
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+from datasets import Dataset
+from peft import PeftModel
+from transformers import set_seed
+from trl import GRPOConfig, GRPOTrainer, ModelConfig
+
+import data
+import rewards
+from training import (
+    SafeTrainerMixin,
+    SafetyArguments,
+    huginn_backbone,
+    load_model,
+    load_tokenizer,
+    lora_config,
+    parse_args,
+    resume_checkpoint,
+    setup_logging,
+)
+
+logger = logging.getLogger(__name__)
+REWARD_FAILURES: dict[str, int] = {}  # reward function name -> completions scored 0 because it raised
+
+
+@dataclass
+class ScriptArguments(SafetyArguments):
+    dataset_name: list[str] = field(
+        default_factory=lambda: ["openai/gsm8k"],
+        metadata={"help": "prompt sources: hub ids, local files in their schemas, or tiny:<name>; concatenated"})
+    dataset_split: str | None = field(default=None, metadata={"help": "split of every hub source (default: train)"})
+    max_samples: int | None = field(default=None, metadata={"help": "rows read from each source (all when unset)"})
+    system_prompt: str = field(default=data.SYSTEM_PROMPT, metadata={"help": "'' for none; match SFT and evaluate.py"})
+    sft_adapter: str | None = field(default=None, metadata={"help": "LoRA adapter dir to start from (train_sft.py)"})
+    rollout_num_steps: list[int] = field(
+        default_factory=lambda: [32], metadata={"help": "recurrent depths; each generation round draws one"})
+    backprop_steps: int = field(default=8, metadata={"help": "last recurrent steps that carry gradient"})
+    state_seed: int = field(default=0, metadata={"help": "seed of the initial latent state (rollout = loss)"})
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["correctness", "format"],
+        metadata={"help": "from correctness, format, length_penalty; weights: reward_weights"})
+    length_penalty_margin: int = field(
+        default=64, metadata={"help": "length_penalty falls from 0 to -1 over the last this many tokens"})
+
+
+class HuginnGRPOTrainer(SafeTrainerMixin, GRPOTrainer):
+    """GRPOTrainer with Huginn's recurrence fixed per generation round (depth and initial-state seed), the
+    interruption safety of training.py, and the rollout/train time split logged."""
+
+    def __init__(self, *args, rollout_num_steps: list[int], backprop_steps: int, state_seed: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rollout_num_steps, self.backprop_steps, self.state_seed = rollout_num_steps, backprop_steps, state_seed
+        self.rollout_seconds, self.loss_tokens = 0.0, 0  # of the current training step, for the time split
+
+    def round_depth(self) -> int:
+        """A pure function of seed and step, so a resumed run draws the depths an uninterrupted run would."""
+        return random.Random(f"{self.args.seed}/{self.state.global_step}").choice(self.rollout_num_steps)
+
+    def recurrence(self, depth: int):
+        """Depth and initial state of every forward and generate call in the block (rollout, old/ref and new
+        log-probabilities alike); gradient through the last `backprop_steps` steps."""
+        with_grad = min(self.backprop_steps, depth)
+        return huginn_backbone(self.model).recurrence_defaults((depth - with_grad, with_grad), self.state_seed)
+
+    def _generate_and_score_completions(self, inputs):
+        depth, start = self.round_depth(), time.perf_counter()
+        with self.recurrence(depth):
+            output = super()._generate_and_score_completions(inputs)
+        seconds = time.perf_counter() - start
+        self.rollout_seconds += seconds
+        mode = "train" if self.model.training else "eval"
+        completion_tokens = self.accelerator.gather(output["completion_mask"].sum()).sum().item()
+        self._metrics[mode]["rollout/seconds"].append(seconds)
+        self._metrics[mode]["rollout/tokens_per_second"].append(completion_tokens / seconds)
+        self._metrics[mode]["rollout/num_steps"].append(depth)
+        # travels with the rows through TRL's shuffling and splitting into micro-batches
+        output["rollout_num_steps"] = torch.full((len(output["prompt_ids"]),), depth)
+        return output
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.loss_tokens += (inputs["prompt_mask"].sum() + inputs["completion_mask"].sum()).item()
+        with self.recurrence(int(inputs["rollout_num_steps"][0])):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Logs the time of the loss forward and backward alone (a step that starts a round also generates)."""
+        self.rollout_seconds, self.loss_tokens, start = 0.0, 0, time.perf_counter()
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        seconds = time.perf_counter() - start - self.rollout_seconds
+        self._metrics["train"]["train/seconds"].append(seconds)
+        self._metrics["train"]["train/tokens_per_second"].append(self.loss_tokens / seconds)
+        return loss
+
+
+def fail_safe(reward_func):
+    """The reward function, but when it raises, the completions it fails on score 0.0 (counted in
+    REWARD_FAILURES, logged) instead of stopping training. rewards.py already turns grader timeouts into 0."""
+
+    def guarded(completions, **kwargs):
+        try:
+            return reward_func(completions, **kwargs)
+        except Exception as batch_error:  # a reward bug must not kill a multi-hour run
+            scores = []
+            for i, completion in enumerate(completions):
+                columns = {key: value[i:i + 1] if isinstance(value, list) and len(value) == len(completions)
+                           else value for key, value in kwargs.items()}
+                try:
+                    scores += reward_func([completion], **columns)
+                except Exception:  # same reason, one completion at a time
+                    scores.append(0.0)
+                    REWARD_FAILURES[reward_func.__name__] = REWARD_FAILURES.get(reward_func.__name__, 0) + 1
+            logger.warning(f"{reward_func.__name__} raised {batch_error!r}; its failing completions scored 0 "
+                           f"(so far: {REWARD_FAILURES})")
+            return scores
+
+    guarded.__name__ = reward_func.__name__
+    return guarded
+
+
+def build_reward_funcs(names: list[str], max_completion_length: int, length_margin: int) -> list:
+    available = {
+        "correctness": lambda: rewards.correctness_reward,
+        "format": lambda: rewards.format_reward,
+        "length_penalty": lambda: rewards.make_length_penalty(max_completion_length, length_margin),
+    }
+    unknown = sorted(set(names) - set(available))
+    if unknown:
+        raise ValueError(f"unknown reward_funcs {unknown}; choose from {sorted(available)}")
+    return [fail_safe(available[name]()) for name in names]
+
+
+def build_prompt_dataset(script_args: ScriptArguments) -> Dataset:
+    """{"prompt": chat messages, "answer": gold} for every usable row of the sources. Malformed rows and rows whose
+    gold answer the grader cannot parse are skipped and reported."""
+    rows = []
+    for source in script_args.dataset_name:
+        dataset, schema = data.read_sft_source(source, script_args.dataset_split or "train", False,
+                                               script_args.max_samples)
+        screened = [data.screen_row(row, i, schema, source, keep_code=True) for i, row in enumerate(dataset)]
+        usable = [row for row in screened if not row["skip"]]
+        verdicts = rewards.gradable_golds([r["answer"] for r in usable])
+        ungradable = [r["answer"] for r, ok in zip(usable, verdicts) if not ok]
+        logger.info(f"{source}: {len(screened)} rows, {len(screened) - len(usable)} malformed or incorrect, "
+                    f"{len(ungradable)} with a gold answer the grader cannot parse (e.g. {ungradable[:3]}), skipped")
+        rows += [{"prompt": data.prompt_messages(r["problem"], script_args.system_prompt or None),
+                  "answer": r["answer"]} for r, ok in zip(usable, verdicts) if ok]
+    if not rows:
+        raise data.DataError(f"{script_args.dataset_name}: no usable prompt")
+    return Dataset.from_list(rows)
+
+
+def load_policy(script_args: ScriptArguments, model_args: ModelConfig, training_args: GRPOConfig):
+    """The NF4 (or full-precision) base with a trainable LoRA: the SFT adapter when given, else a new one."""
+    model = load_model(model_args, training_args)
+    if script_args.sft_adapter is None:
+        return model, lora_config(model_args)
+    return PeftModel.from_pretrained(model, script_args.sft_adapter, is_trainable=True), None
+
+
+def main(script_args: ScriptArguments, training_args: GRPOConfig, model_args: ModelConfig) -> HuginnGRPOTrainer:
+    set_seed(training_args.seed)
+    setup_logging(training_args)
+    logger.info(f"seed {training_args.seed}\n{script_args}\n{model_args}\n{training_args}")
+
+    tokenizer = load_tokenizer(model_args)
+    with training_args.main_process_first(desc="GRPO prompts"):
+        train_dataset = build_prompt_dataset(script_args)
+    model, peft_config = load_policy(script_args, model_args, training_args)
+    reward_funcs = build_reward_funcs(script_args.reward_funcs, training_args.max_completion_length,
+                                      script_args.length_penalty_margin)
+    trainer = HuginnGRPOTrainer(
+        model=model, args=training_args, train_dataset=train_dataset, processing_class=tokenizer,
+        reward_funcs=reward_funcs, peft_config=peft_config, rollout_num_steps=script_args.rollout_num_steps,
+        backprop_steps=script_args.backprop_steps, state_seed=script_args.state_seed,
+        max_consecutive_nonfinite=script_args.max_consecutive_nonfinite,
+    )
+    trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
+    if trainer.stopped_by_signal:
+        logger.warning(f"stopped by SIGTERM after step {trainer.state.global_step}; rerun the command to resume")
+        return trainer
+    trainer.save_model(training_args.output_dir)
+    logger.info(f"saved to {training_args.output_dir}")
+    return trainer
+
+
+if __name__ == "__main__":
+    main(*parse_args(ScriptArguments, GRPOConfig))
