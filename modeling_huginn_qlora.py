@@ -610,9 +610,10 @@ class HuginnForCausalLM(HuginnPreTrainedModel, GenerationMixin):
         log-probability under the untempered model). Greedy unless `do_sample`; `temperature`, `top_k`, `top_p`,
         `max_new_tokens` and `eos_token_id` (an int or a list: generation stops on any) come from
         `generation_config` or kwargs. `num_steps` recurrent steps per token (default: `recurrence_defaults`, else
-        `mean_recurrence`; never sampled); `kv_cache_slots` k < num_steps shares core cache slots across steps
-        (slot = step mod k)."""
+        `mean_recurrence`; never sampled); `kv_cache_slots` k < num_steps (an argument or a generation-config
+        attribute) shares core cache slots across steps (slot = step mod k)."""
         config = _merge_generation_config(generation_config or self.generation_config, kwargs)
+        kv_cache_slots = kv_cache_slots or getattr(config, "kv_cache_slots", None)  # e.g. from TRL generation_kwargs
         if num_steps is None:
             num_steps = self.transformer.default_num_steps or self.config.mean_recurrence
         steps = self.transformer.resolve_num_steps(num_steps)

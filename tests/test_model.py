@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from modeling_huginn_qlora import (
     HuginnConfig,
@@ -292,8 +292,13 @@ def test_shared_cache_slots_bound_memory(model):
     kwargs = dict(num_steps=8, max_new_tokens=6, state_seeds=seeds, eos_token_id=[10_000])
     exact = model.generate(ids, **kwargs)
     assert torch.equal(model.generate(ids, kv_cache_slots=8, **kwargs), exact)  # one slot per step: exact
-    shared = model.generate(ids, kv_cache_slots=1, **kwargs)
-    assert shared.shape == exact.shape
+    shared = model.generate(ids, kv_cache_slots=1, return_dict_in_generate=True, **kwargs)
+    exact_logprobs = model.generate(ids, return_dict_in_generate=True, **kwargs).logprobs
+    assert not torch.allclose(shared.logprobs, exact_logprobs)  # sharing really changes what tokens attend to
+    from_config = model.generate(ids, generation_config=GenerationConfig(  # as TRL passes generation_kwargs
+        kv_cache_slots=1, max_new_tokens=6, eos_token_id=[10_000], return_dict_in_generate=True),
+        num_steps=8, state_seeds=seeds)
+    assert torch.equal(from_config.logprobs, shared.logprobs)
     config = model.config
     full = HuginnKVCache(config, 1, 4, 32, torch.bfloat16, "cpu").nbytes_per_token()
     one = HuginnKVCache(config, 1, 4, 1, torch.bfloat16, "cpu").nbytes_per_token()
