@@ -5,6 +5,7 @@ Every source (hub dataset or local JSONL/JSON/parquet file in the same schema) i
 assistant turn ending with the answer in \\boxed{} (what rewards.py grades).
 """
 
+import json
 import logging
 import re
 import shutil
@@ -13,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 from datasets import Dataset, IterableDataset, concatenate_datasets, load_dataset
+from transformers import AutoTokenizer
 
 import rewards
 import tiny
@@ -43,6 +45,19 @@ class DataError(ValueError):
     """Bad input data; the message names the file, row and field."""
 
 
+def load_tokenizer(model_name_or_path: str, revision: str | None = None):
+    """The model's tokenizer (left padding, for generation), with Huginn's chat template whenever its own lacks the
+    `{% generation %}` markers that assistant-only losses need: SFT, GRPO and evaluation then render alike."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny.resolve_model_path(model_name_or_path), revision=revision,
+                                              padding_side="left")
+    if "{% generation %}" not in (tokenizer.chat_template or ""):
+        logger.warning("the tokenizer's chat template has no {% generation %} markers: using Huginn's template")
+        tokenizer.chat_template = tiny.HUGINN_CHAT_TEMPLATE
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tiny.PAD
+    return tokenizer
+
+
 def detect_schema(columns: list[str], source: str) -> str:
     for name, (problem, solution, answer) in SCHEMAS.items():
         if {problem, solution} <= set(columns) and (answer is None or answer in columns):
@@ -51,23 +66,37 @@ def detect_schema(columns: list[str], source: str) -> str:
     raise DataError(f"{source}: columns {sorted(columns)} match no known schema (expected {expected})")
 
 
+def check_jsonl(path: str) -> None:
+    """DataError naming the row and line of the first line that is not JSON (datasets' own error does not)."""
+    with open(path, encoding="utf-8") as f:
+        for index, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}: row {index} (line {index + 1}): not valid JSON: {error}") from None
+
+
 def load_source(source: str, split: str | None = None, streaming: bool = False) -> tuple[Dataset | IterableDataset, str]:
     """A local file or a hub dataset id, and its schema name. Local files must exist and parse."""
     suffix = Path(source).suffix.lower()
     if suffix in LOCAL_FORMATS:
         if not Path(source).is_file():
             raise DataError(f"{source}: no such file")
+        if suffix == ".jsonl":
+            check_jsonl(source)
         try:
             dataset = load_dataset(LOCAL_FORMATS[suffix], data_files=source, split="train", streaming=streaming)
             columns = dataset.column_names if not streaming else list(next(iter(dataset)).keys())
-        except DataError:
-            raise
         except Exception as error:  # datasets raises many types for unparsable files; report them uniformly
             raise DataError(f"{source}: cannot be read as {LOCAL_FORMATS[suffix]}: {error}") from error
         return dataset, detect_schema(columns, source)
     if source not in HUB_DATASETS:
         raise DataError(f"{source}: not a local .jsonl/.json/.parquet file nor a known dataset {sorted(HUB_DATASETS)}")
     schema, config_name, default_split = HUB_DATASETS[source]
+    if source == "EleutherAI/hendrycks_math":
+        return load_hendrycks_math(split or default_split), schema
     return load_dataset(source, config_name, split=split or default_split, streaming=streaming), schema
 
 
@@ -151,11 +180,7 @@ def load_hendrycks_math(split: str) -> Dataset:
 def read_sft_source(source: str, split: str | None, streaming: bool, max_samples: int | None) -> tuple[Dataset, str]:
     """The first `max_samples` rows (all when None) of one source, in memory or the datasets cache, and its schema.
     Streaming reads only those rows from the hub (OpenMathInstruct-2's 14M rows never touch the disk)."""
-    split = split or SFT_SPLITS.get(source)
-    if source == "EleutherAI/hendrycks_math":
-        dataset, schema = load_hendrycks_math(split), "math"
-    else:
-        dataset, schema = load_source(resolve_source(source), split, streaming)
+    dataset, schema = load_source(resolve_source(source), split or SFT_SPLITS.get(source), streaming)
     if streaming:
         if max_samples is None:
             raise DataError(f"{source}: streaming reads max_samples rows; set max_samples")

@@ -53,10 +53,9 @@ from typing import Callable
 
 import matplotlib
 import torch
-from datasets import load_dataset
 from peft import PeftModel
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 from trl import TrlParser
 
 import data
@@ -65,8 +64,6 @@ from modeling_huginn_qlora import nf4_quantization_config
 from tiny import resolve_model_path
 
 BENCHMARKS = {"gsm8k": "openai/gsm8k", "math500": "HuggingFaceH4/MATH-500", "math": "EleutherAI/hendrycks_math"}
-MATH_SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory",
-                 "prealgebra", "precalculus")
 # Settings every sample in one output_dir must share; the others (steps, benchmarks, adapters, limit) only
 # select which samples a run needs.
 GENERATION_SETTINGS = ("model_name_or_path", "dtype", "load_in_4bit", "system_prompt", "num_fewshot",
@@ -131,33 +128,10 @@ def parse_labelled(entry: str) -> tuple[str, str]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def check_jsonl(path: str) -> None:
-    """data.load_source reports an unparsable JSONL without its row; find the row here."""
-    with open(path, encoding="utf-8") as f:
-        for index, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                json.loads(line)
-            except json.JSONDecodeError as error:
-                raise data.DataError(f"{path}: row {index} (line {index + 1}): not valid JSON: {error}") from None
-
-
 def load_rows(source: str, split: str | None = None) -> tuple[list[dict], str]:
     """Normalised rows {"id", "problem", "solution", "answer"} of a benchmark name, hub id or local file, and the
     schema name."""
-    if source == "math":  # data.HUB_DATASETS lacks this dataset's subject configs, and its rows lack "answer"
-        rows = []
-        for subject in MATH_SUBJECTS:
-            for index, row in enumerate(load_dataset(BENCHMARKS["math"], subject, split=split or "test")):
-                if (answer := rewards.gold_answer(row)) is None:
-                    raise data.DataError(f"{BENCHMARKS['math']}/{subject}: row {index}: no \\boxed answer in solution")
-                rows.append({"id": f"{subject}/{index}", "problem": row["problem"].strip(),
-                             "solution": row["solution"].strip(), "answer": answer})
-        return rows, "math"
-    source = BENCHMARKS.get(source, source)
-    if Path(source).suffix.lower() == ".jsonl" and Path(source).is_file():
-        check_jsonl(source)
+    source = data.resolve_source(BENCHMARKS.get(source, source))
     dataset, schema = data.load_source(source, split)
     return [{"id": str(i), **data.normalise_row(row, schema, source, i)} for i, row in enumerate(dataset)], schema
 
@@ -183,13 +157,6 @@ def chat_messages(problem: str, system_prompt: str, exemplars: list[dict]) -> li
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def load_tokenizer(model_name_or_path: str):
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_name_or_path), padding_side="left")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
 class HuginnBackend:
     """Batched (left-padded) generation with huginn, plus an optional LoRA adapter (merged unless NF4)."""
 
@@ -205,7 +172,7 @@ class HuginnBackend:
             model = PeftModel.from_pretrained(model, adapter)
             model = model if args.load_in_4bit else model.merge_and_unload()  # merged: no LoRA cost per block pass
         self.model = model.eval()
-        self.tokenizer = load_tokenizer(args.model_name_or_path)
+        self.tokenizer = data.load_tokenizer(args.model_name_or_path)
         eos = model.generation_config.eos_token_id
         end_turn = self.tokenizer.convert_tokens_to_ids("<|end_turn|>")  # a chat turn ends there, whatever the config
         eos_ids = {*(eos if isinstance(eos, list) else [eos]), end_turn} - {None, self.tokenizer.unk_token_id}
@@ -451,7 +418,7 @@ def main(args: EvalArguments, backends: dict[str, Backend] | None = None) -> lis
     if args.num_fewshot:
         pool = load_rows(args.fewshot_source, args.fewshot_split)[0]
         exemplars = random.Random(args.seed).sample(pool, args.num_fewshot)
-    tokenizer = load_tokenizer(args.model_name_or_path)
+    tokenizer = data.load_tokenizer(args.model_name_or_path)
     for label, rows in problems.items():
         for row in rows:
             shots = [e for e in exemplars if e["problem"] != row["problem"]]  # never the question as its own shot

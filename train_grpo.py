@@ -39,7 +39,6 @@ from training import (
     SafetyArguments,
     huginn_backbone,
     load_model,
-    load_tokenizer,
     lora_config,
     parse_args,
     resume_checkpoint,
@@ -189,7 +188,7 @@ def main(script_args: ScriptArguments, training_args: GRPOConfig, model_args: Mo
     setup_logging(training_args)
     logger.info(f"seed {training_args.seed}\n{script_args}\n{model_args}\n{training_args}")
 
-    tokenizer = load_tokenizer(model_args)
+    tokenizer = data.load_tokenizer(model_args.model_name_or_path, model_args.model_revision)
     with training_args.main_process_first(desc="GRPO prompts"):
         train_dataset = build_prompt_dataset(script_args)
     model, peft_config = load_policy(script_args, model_args, training_args)

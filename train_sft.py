@@ -33,7 +33,6 @@ from training import (
     SafetyArguments,
     huginn_backbone,
     load_model,
-    load_tokenizer,
     lora_config,
     parse_args,
     resume_checkpoint,
@@ -93,7 +92,7 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     logger.info(f"seed {training_args.seed}\n{script_args}\n{model_args}\n{training_args}")
     check_args(script_args, training_args)
 
-    tokenizer = load_tokenizer(model_args)
+    tokenizer = data.load_tokenizer(model_args.model_name_or_path, model_args.model_revision)
     with training_args.main_process_first(desc="SFT data"):
         train_dataset, _ = data.build_sft_dataset(
             script_args.dataset_name, tokenizer, training_args.max_length, split=script_args.dataset_split,

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import transformers
 from peft import LoraConfig, PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, TrainerCallback
+from transformers import AutoModelForCausalLM, PreTrainedModel, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import ModelConfig, TrlParser, get_peft_config
 
@@ -61,19 +61,6 @@ def setup_logging(training_args) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Model and tokenizer
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def load_tokenizer(model_args: ModelConfig):
-    """The model's tokenizer, with a chat template that marks the assistant turn for assistant-only losses."""
-    tokenizer = AutoTokenizer.from_pretrained(tiny.resolve_model_path(model_args.model_name_or_path),
-                                              revision=model_args.model_revision)
-    if "{% generation %}" not in (tokenizer.chat_template or ""):
-        # Same rendering as the published template (reference README), plus the `{% generation %}` markers.
-        logger.warning("the tokenizer's chat template has no {% generation %} markers: using Huginn's template")
-        tokenizer.chat_template = tiny.HUGINN_CHAT_TEMPLATE
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tiny.PAD
-    return tokenizer
 
 
 def load_model(model_args: ModelConfig, training_args) -> PreTrainedModel:

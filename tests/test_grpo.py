@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+import data
 import train_grpo
 from training import parse_args
 
@@ -21,7 +22,7 @@ def build_trainer(script_args, training_args, model_args):
     model, peft_config = train_grpo.load_policy(script_args, model_args, training_args)
     return train_grpo.HuginnGRPOTrainer(
         model=model, args=training_args, train_dataset=train_grpo.build_prompt_dataset(script_args),
-        processing_class=train_grpo.load_tokenizer(model_args), peft_config=peft_config,
+        processing_class=data.load_tokenizer(model_args.model_name_or_path), peft_config=peft_config,
         reward_funcs=train_grpo.build_reward_funcs(script_args.reward_funcs, 8, 4),
         rollout_num_steps=script_args.rollout_num_steps, backprop_steps=script_args.backprop_steps,
         state_seed=script_args.state_seed)

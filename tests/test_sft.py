@@ -20,7 +20,8 @@ import data
 import rewards
 import tiny
 from train_sft import HuginnSFTTrainer, ScriptArguments, main
-from training import STAGING_DIR, huginn_backbone, load_model, load_tokenizer, lora_config, parse_args
+from data import load_tokenizer
+from training import STAGING_DIR, huginn_backbone, load_model, lora_config, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "sft_tiny.yaml"
@@ -65,7 +66,7 @@ def omi2_rows(count: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return load_tokenizer(sft_args("unused")[2])
+    return load_tokenizer(sft_args("unused")[2].model_name_or_path)
 
 
 # --- data ---------------------------------------------------------------------------------------------------------
@@ -314,7 +315,7 @@ def test_sft_lifts_heldout_accuracy(tmp_path):
         "--max_steps", "100", "--max_samples", "2000", "--per_device_train_batch_size", "16", "--warmup_steps", "10",
         "--logging_steps", "10", "--save_strategy", "no")
     untrained = AutoModelForCausalLM.from_pretrained(tiny.resolve_model_path("tiny-huginn"), dtype=torch.float32)
-    tokenizer = load_tokenizer(model_args)
+    tokenizer = load_tokenizer(model_args.model_name_or_path)
     before = heldout_accuracy(untrained, tokenizer, num_steps=2)
     trainer = main(script_args, training_args, model_args)
     after = heldout_accuracy(trainer.model, tokenizer, num_steps=2)
