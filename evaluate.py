@@ -60,6 +60,7 @@ from trl import TrlParser
 
 import data
 import rewards
+from generation import HuginnEngine
 from modeling_huginn_qlora import nf4_quantization_config
 from tiny import resolve_model_path
 
@@ -68,7 +69,7 @@ BENCHMARKS = {"gsm8k": "openai/gsm8k", "math500": "HuggingFaceH4/MATH-500", "mat
 # select which samples a run needs.
 GENERATION_SETTINGS = ("model_name_or_path", "dtype", "load_in_4bit", "system_prompt", "num_fewshot",
                        "fewshot_source", "fewshot_split", "max_new_tokens", "do_sample", "temperature", "top_p",
-                       "seed", "init_state", "kv_cache_slots")
+                       "seed", "init_state", "kv_cache_slots", "exit_threshold")
 # lm-eval-harness gsm8k / gsm8k-cot filters and exact_match normalisation, so GSM8K compares with published numbers.
 LM_EVAL_STRICT = re.compile(r"#### (-?[0-9.,]+)|The answer is (-?[0-9.,]+).")
 LM_EVAL_FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
@@ -88,7 +89,9 @@ class EvalArguments:
         "help": f"{sorted(BENCHMARKS)} or a local .jsonl/.json/.parquet file, optionally label=source"})
     limit: int | None = field(default=None, metadata={"help": "evaluate a fixed-seed random subset of N problems"})
     num_steps: list[int] = field(default_factory=lambda: [32], metadata={"help": "recurrent steps to sweep"})
-    exit_threshold: float | None = field(default=None, metadata={"help": "adaptive exit (KL threshold): not yet"})
+    exit_threshold: float | None = field(default=None, metadata={
+        "help": "adaptive exit: a token stops recurring when successive steps' next-token KL is below this (e.g. "
+                "5e-4); num_steps is then the maximum. Uses generation.HuginnEngine"})
     batch_size: int = field(default=16, metadata={"help": "prompts per generate call; higher: faster, more memory"})
     max_new_tokens: int = 512
     do_sample: bool = field(default=False, metadata={"help": "sample instead of greedy decoding"})
@@ -179,6 +182,8 @@ class HuginnBackend:
         self.eos_ids = sorted(eos_ids)
 
     def __call__(self, requests: list[dict], num_steps: int) -> list[dict]:
+        if self.args.exit_threshold is not None:
+            return self.generate_adaptive(requests, num_steps)
         args = self.args
         batch = self.tokenizer([r["prompt"] for r in requests], return_tensors="pt", padding=True,
                                add_special_tokens=False).to(self.device)  # the chat template holds the bos token
@@ -191,13 +196,26 @@ class HuginnBackend:
             max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, init_state=args.init_state,
             state_seeds=torch.tensor([r["seed"] for r in requests]), kv_cache_slots=args.kv_cache_slots,
             eos_token_id=self.eos_ids, pad_token_id=self.tokenizer.pad_token_id, **sampling)
-        completions = []
-        for ids in output[:, batch.input_ids.shape[1]:].tolist():
-            end = next((i for i, token in enumerate(ids) if token in self.eos_ids), None)
-            kept = ids if end is None else ids[:end]
-            completions.append({"completion": self.tokenizer.decode(kept, skip_special_tokens=True),
-                                "num_tokens": len(ids) if end is None else end + 1, "finished": end is not None})
-        return completions
+        return [self.completion(ids) for ids in output[:, batch.input_ids.shape[1]:].tolist()]
+
+    def generate_adaptive(self, requests: list[dict], num_steps: int) -> list[dict]:
+        """The engine's per-token adaptive exit (at most num_steps); reports the mean steps each completion used."""
+        args = self.args
+        prompts = [self.tokenizer(r["prompt"], add_special_tokens=False).input_ids for r in requests]
+        engine = HuginnEngine(self.model, len(prompts), max(map(len, prompts)) + args.max_new_tokens,
+                              kv_cache_slots=args.kv_cache_slots or 1, exit_threshold=args.exit_threshold)
+        seeds = [r["seed"] for r in requests]
+        result = engine.generate(prompts, num_steps=num_steps, max_new_tokens=args.max_new_tokens,
+                                 eos_token_ids=self.eos_ids, do_sample=args.do_sample, temperature=args.temperature,
+                                 top_p=args.top_p, state_seeds=seeds, sampling_seeds=seeds)
+        return [{**self.completion(tokens), "mean_steps_used": sum(steps) / len(steps)}
+                for tokens, steps in zip(result.tokens, result.steps_used)]
+
+    def completion(self, ids: list[int]) -> dict:
+        end = next((i for i, token in enumerate(ids) if token in self.eos_ids), None)
+        kept = ids if end is None else ids[:end]
+        return {"completion": self.tokenizer.decode(kept, skip_special_tokens=True),
+                "num_tokens": len(ids) if end is None else end + 1, "finished": end is not None}
 
 
 def stand_in(complete: Callable[[dict], str]) -> Backend:
@@ -237,6 +255,8 @@ def score(requests: list[dict], completions: list[dict], is_gsm8k: bool, args: E
                       finished=completion.get("finished", True), seconds=request["seconds"],
                       extracted=rewards.extract_answer(completion["completion"], numeric_fallback=is_gsm8k),
                       gold=request["answer"], correct=verdict)
+        if "mean_steps_used" in completion:
+            record["mean_steps_used"] = completion["mean_steps_used"]
         if is_gsm8k:
             record["lm_eval_strict"], record["lm_eval_flexible"] = lm_eval_gsm8k(completion["completion"],
                                                                                  request["answer"])
@@ -276,6 +296,8 @@ def summarise(records: list[dict], is_gsm8k: bool, num_samples: int) -> dict:
             "ci95_low": low, "ci95_high": high, "ungradable": sum(r["correct"] is None for r in records),
             "truncated": sum(not r["finished"] for r in records), "mean_output_tokens": tokens / max(len(records), 1),
             "tokens_per_s": tokens / seconds if seconds > 0 else 0.0, "wall_time_s": seconds}
+    if records and "mean_steps_used" in records[0]:  # adaptive exit
+        cell["mean_steps_used"] = sum(r["mean_steps_used"] for r in records) / len(records)
     if is_gsm8k:
         for key in ("lm_eval_strict", "lm_eval_flexible"):
             cell[key] = sum(r[key] for r in records) / max(len(records), 1)
@@ -394,9 +416,8 @@ def git_commit() -> str | None:
 def main(args: EvalArguments, backends: dict[str, Backend] | None = None) -> list[dict]:
     """Evaluate every checkpoint x benchmark x steps; returns the result cells (also in results.json).
     `backends` (label -> Backend) replaces loading the model and adapters, e.g. by an oracle in tests."""
-    if args.exit_threshold is not None:
-        raise NotImplementedError("adaptive exit is not yet supported: it needs the fast generation engine with "
-                                  "per-token exit (a later issue); run fixed --num_steps instead")
+    if args.exit_threshold is not None and args.init_state != "random":
+        raise ValueError("adaptive exit (the engine) starts from the seeded random state: use init_state random")
     if args.num_samples > 1 and not args.do_sample:
         raise ValueError("num_samples > 1 needs do_sample (greedy samples would all be the same)")
     if args.init_state not in ("random", "zero"):

@@ -196,9 +196,16 @@ def test_config_file_parses_and_unknown_keys_are_errors(tmp_path):
         evaluate.parse_args(["--num_step", "4"])
 
 
-def test_adaptive_exit_is_not_faked(tmp_path):
-    with pytest.raises(NotImplementedError, match="not yet supported"):
-        main(EvalArguments(exit_threshold=5e-4, output_dir=str(tmp_path)))
+def test_adaptive_exit_reports_steps_and_threshold_zero_is_fixed_depth(tiny_data, tmp_path):
+    fixed = tiny_args(tiny_data, tmp_path / "fixed", num_steps=[8], kv_cache_slots=1)
+    never_exits = tiny_args(tiny_data, tmp_path / "zero", num_steps=[8], kv_cache_slots=1, exit_threshold=0.0)
+    adaptive = tiny_args(tiny_data, tmp_path / "adaptive", num_steps=[8], kv_cache_slots=1, exit_threshold=5e-2)
+    main(fixed), main(never_exits), main(adaptive)
+    assert completions(tmp_path / "zero") == completions(tmp_path / "fixed")
+    assert all(cell["mean_steps_used"] == 8 for cell in json.loads((tmp_path / "zero" / "results.json").read_text())[
+        "results"])
+    cells = json.loads((tmp_path / "adaptive" / "results.json").read_text())["results"]
+    assert all(1 <= cell["mean_steps_used"] < 8 for cell in cells)
 
 
 def test_lm_eval_gsm8k_strict_and_flexible():
