@@ -41,7 +41,7 @@ from training import (
     load_model,
     lora_config,
     parse_args,
-    resume_checkpoint,
+    train_and_save,
     setup_logging,
 )
 
@@ -200,13 +200,7 @@ def main(script_args: ScriptArguments, training_args: GRPOConfig, model_args: Mo
         backprop_steps=script_args.backprop_steps, state_seed=script_args.state_seed,
         max_consecutive_nonfinite=script_args.max_consecutive_nonfinite,
     )
-    trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
-    if trainer.stopped_by_signal:
-        logger.warning(f"stopped by SIGTERM after step {trainer.state.global_step}; rerun the command to resume")
-        return trainer
-    trainer.save_model(training_args.output_dir)
-    logger.info(f"saved to {training_args.output_dir}")
-    return trainer
+    return train_and_save(trainer)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from training import (
     load_model,
     lora_config,
     parse_args,
-    resume_checkpoint,
+    train_and_save,
     setup_logging,
 )
 
@@ -109,13 +109,7 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
         peft_config=lora_config(model_args), num_steps=tuple(script_args.num_steps or ()) or None,
         max_consecutive_nonfinite=script_args.max_consecutive_nonfinite,
     )
-    trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
-    if trainer.stopped_by_signal:
-        logger.warning(f"stopped by SIGTERM after step {trainer.state.global_step}; rerun the command to resume")
-        return trainer
-    trainer.save_model(training_args.output_dir)
-    logger.info(f"saved to {training_args.output_dir}")
-    return trainer
+    return train_and_save(trainer)
 
 
 if __name__ == "__main__":

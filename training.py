@@ -128,6 +128,18 @@ def resume_checkpoint(training_args) -> str | None:
     return str(complete[-1]) if complete else None
 
 
+def train_and_save(trainer):
+    """Train (resuming from the newest complete checkpoint), then save the adapter or model and tokenizer to
+    output_dir, unless SIGTERM stopped the run: its checkpoint is what a rerun resumes from."""
+    trainer.train(resume_from_checkpoint=resume_checkpoint(trainer.args))
+    if trainer.stopped_by_signal:
+        logger.warning(f"stopped by SIGTERM after step {trainer.state.global_step}; rerun the command to resume")
+        return trainer
+    trainer.save_model(trainer.args.output_dir)
+    logger.info(f"saved to {trainer.args.output_dir}")
+    return trainer
+
+
 def publish_checkpoint(staged: Path, final: Path) -> None:
     """Move a fully written checkpoint into place with one rename, replacing a stale one of the same step."""
     if final.exists():
