@@ -3,8 +3,11 @@ subprocesses (grading workers, training runs, two-rank accelerate runs) share tw
 oversubscription, which slows the suite by up to 10x."""
 
 import os
+import tempfile
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# A fresh cache for the tiny default per test session: no model or data left by another version of the code.
+os.environ["TINYMATH_CACHE"] = tempfile.mkdtemp(prefix="tinymath-cache-")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
