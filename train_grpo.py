@@ -180,7 +180,14 @@ def load_policy(script_args: ScriptArguments, model_args: ModelConfig, training_
     model = load_model(model_args, training_args)
     if script_args.sft_adapter is None:
         return model, lora_config(model_args)
-    return PeftModel.from_pretrained(model, script_args.sft_adapter, is_trainable=True), None
+    model = PeftModel.from_pretrained(model, script_args.sft_adapter, is_trainable=True)
+    # Modules SFT trained in full (modules_to_save, e.g. the tiny default's embeddings) stay frozen: Adam moves
+    # every coordinate by ~lr per step whatever its gradient's size, so the noisy policy gradient would random-walk
+    # whole embedding rows (measured on the tiny default: reward falls instead of rising). Only the LoRA learns.
+    for name, parameter in model.named_parameters():
+        if "modules_to_save" in name:
+            parameter.requires_grad_(False)
+    return model, None
 
 
 def main(script_args: ScriptArguments, training_args: GRPOConfig, model_args: ModelConfig) -> HuginnGRPOTrainer:
