@@ -24,7 +24,7 @@ from modeling_huginn_qlora import HuginnConfig, HuginnForCausalLM
 TINY_MODEL_NAME = "tiny-huginn"
 CACHE_DIR = Path(os.environ.get("TINYMATH_CACHE", Path.home() / ".cache" / "tinymath-huginn"))
 
-# Huginn's special tokens (ids 65504..65509 in the real vocabulary; here they follow the 256 byte tokens).
+# Huginn's special tokens (ids 65504..65509 in the real vocabulary; here they follow the byte and word tokens).
 BOS, EOS, BEGIN_HEADER, END_HEADER, END_TURN, PAD = (
     "<|begin_text|>", "<|end_text|>", "<|begin_header|>", "<|end_header|>", "<|end_turn|>", "<|pad|>")
 SPECIAL_TOKENS = [BOS, EOS, BEGIN_HEADER, END_HEADER, END_TURN, PAD]
@@ -52,11 +52,34 @@ def _byte_alphabet() -> list[str]:
     return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
 
 
+# Words of the prompts and answers (data.py's instruction and system prompt, the tiny problems, \\boxed) that get a
+# token each, as in a trained BPE vocabulary: the chat prompt of a tiny problem is ~30 tokens instead of ~110 bytes,
+# so every tiny stage runs ~3x faster. Digits are never merged.
+WORDS = ["What", " is", "Solve", " the", " problem", " step", " by", " and", " put", " final", " answer", " in",
+         " \\boxed{", "\\boxed{", "You", " are", " a", " helpful", " assistant", " that", " can", " assist", " users",
+         " with", " mathematical", " reasoning", "Huginn", "user", "system"]
+
+
+def word_merges(words: list[str], alphabet: list[str]) -> list[tuple[str, str]]:
+    """BPE merges that build each word left to right (prefix + next byte), in its byte-level spelling."""
+    merges = []
+    for word in words:
+        spelled = [alphabet[byte] for byte in word.encode()]
+        for end in range(2, len(spelled) + 1):
+            merge = ("".join(spelled[:end - 1]), spelled[end - 1])
+            if merge not in merges:
+                merges.append(merge)
+    return merges
+
+
 def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level tokenizer without merges (every byte one token: digits stay separate, any text encodes) plus
-    Huginn's special tokens and chat template. Deterministic: no training."""
-    vocab = {char: idx for idx, char in enumerate(_byte_alphabet())}
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    """Byte-level tokenizer (any text encodes; digits stay separate) with merges for WORDS, plus Huginn's special
+    tokens and chat template. Deterministic: no training."""
+    alphabet = _byte_alphabet()
+    merges = word_merges(WORDS, alphabet)
+    vocab = {char: idx for idx, char in enumerate(alphabet)}
+    vocab.update({left + right: len(alphabet) + idx for idx, (left, right) in enumerate(merges)})
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens(SPECIAL_TOKENS)
@@ -107,13 +130,16 @@ def resolve_model_path(name_or_path: str) -> str:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Tiny math datasets: sums of 2-4 single-digit numbers, a task a ~1M-parameter model learns on CPU in minutes and
-# where more recurrent steps visibly help. Rows use the real datasets' schemas.
+# where more recurrent steps visibly help. The expression has no spaces ("3+4+5": byte-level tokens, so short
+# sequences). Solutions restate it and give the total at once ("3+4+5=12. \\boxed{12}"): the sum is computed in
+# the latent recurrence at the "=" token, with no written steps. Rows use the real datasets' schemas.
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _sum_problem(rng: random.Random) -> tuple[str, str, int]:
+def sum_problem(rng: random.Random) -> tuple[str, str, int]:
+    """(problem, expression, total), e.g. ("What is 3+4+5?", "3+4+5", 12)."""
     terms = [rng.randint(1, 9) for _ in range(rng.randint(2, 4))]
-    expression = " + ".join(map(str, terms))
+    expression = "+".join(map(str, terms))
     return f"What is {expression}?", expression, sum(terms)
 
 
@@ -121,8 +147,8 @@ def tiny_openmathinstruct2(num_rows: int, seed: int) -> list[dict]:
     rows = []
     rng = random.Random(seed)
     for _ in range(num_rows):
-        problem, expression, total = _sum_problem(rng)
-        rows.append({"problem": problem, "generated_solution": f"{expression} = {total}. \\boxed{{{total}}}",
+        problem, expression, total = sum_problem(rng)
+        rows.append({"problem": problem, "generated_solution": f"{expression}={total}. \\boxed{{{total}}}",
                      "expected_answer": str(total), "problem_source": "tiny_sums"})
     return rows
 
@@ -131,7 +157,7 @@ def tiny_gsm8k(num_rows: int, seed: int) -> list[dict]:
     rows = []
     rng = random.Random(seed)
     for _ in range(num_rows):
-        problem, expression, total = _sum_problem(rng)
+        problem, expression, total = sum_problem(rng)
         rows.append({"question": problem, "answer": f"{expression} = <<{expression}={total}>>{total}\n#### {total}"})
     return rows
 
@@ -140,7 +166,7 @@ def tiny_math(num_rows: int, seed: int) -> list[dict]:
     rows = []
     rng = random.Random(seed)
     for idx in range(num_rows):
-        problem, expression, total = _sum_problem(rng)
+        problem, expression, total = sum_problem(rng)
         rows.append({"problem": problem, "solution": f"${expression} = \\boxed{{{total}}}$", "answer": str(total),
                      "subject": "Prealgebra", "level": 1, "unique_id": f"tiny/sums/{idx}.json"})
     return rows

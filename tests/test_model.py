@@ -227,7 +227,10 @@ def test_checkpointing_keeps_activation_memory_flat_and_gradients_equal(tiny_dir
 
 
 def test_loss_never_holds_full_logits(tiny_dir):
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).train()
+    # a vocabulary size no activation width or chunk length shares (the tiny one pads to 384, Wqkv's output width)
+    config = AutoConfig.from_pretrained(tiny_dir, vocab_size=1000, padded_vocab_size=1088)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).train()
+    assert model.config.padded_vocab_size == 1088
     ids = random_ids(4, 600)
     saved = saved_tensors(lambda: model(ids, labels=ids, init_state="zero", num_steps=(0, 1)).loss)
     vocab_sized = [shape for shape, _ in saved if len(shape) and shape[-1] == model.config.padded_vocab_size]
