@@ -17,7 +17,6 @@ from transformers import AutoModelForCausalLM
 from trl import SFTConfig
 
 import data
-import rewards
 import tiny
 from train_sft import HuginnSFTTrainer, ScriptArguments, main
 from data import load_tokenizer
@@ -290,34 +289,3 @@ def test_two_process_ddp_ends_with_identical_adapters(tmp_path):
     assert all(rank0[name].abs().sum() > 0 for name in rank0 if "lora_B" in name)  # trained (lora_B starts at 0)
     assert {"rng_state_0.pth", "rng_state_1.pth", "depth_sampler.pt"} <= set(os.listdir(output_dir / "checkpoint-2"))
     assert not (output_dir / STAGING_DIR).exists()
-
-
-def heldout_accuracy(model, tokenizer, num_steps: int) -> float:
-    """Greedy accuracy on the tiny GSM8K-schema test set (64 sums), graded by rewards.py."""
-    dataset, schema = data.load_source(data.resolve_source("tiny:gsm8k_test"))
-    rows = [data.normalise_row(row, schema, "tiny:gsm8k_test", index) for index, row in enumerate(dataset)]
-    chats = [data.prompt_messages(row["problem"], None) for row in rows]
-    batch = tokenizer.apply_chat_template(chats, add_generation_prompt=True, return_dict=True, padding=True,
-                                          return_tensors="pt")
-    model.eval()
-    tokens = model.generate(**batch, num_steps=num_steps, max_new_tokens=40)
-    completions = tokenizer.batch_decode(tokens[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-    verdicts = rewards.grade_batch(completions, [row["answer"] for row in rows])
-    return sum(verdict is True for verdict in verdicts) / len(rows)
-
-
-@pytest.mark.slow
-def test_sft_lifts_heldout_accuracy(tmp_path):
-    """A random tiny model learns the answer format and some sums. Full-parameter: LoRA on a random model learns
-    little (the real model brings the knowledge that LoRA steers)."""
-    script_args, training_args, model_args = sft_args(
-        tmp_path, "--use_peft", "false", "--learning_rate", "3e-3", "--system_prompt", "", "--num_steps", "0", "2",
-        "--max_steps", "100", "--max_samples", "2000", "--per_device_train_batch_size", "16", "--warmup_steps", "10",
-        "--logging_steps", "10", "--save_strategy", "no")
-    untrained = AutoModelForCausalLM.from_pretrained(tiny.resolve_model_path("tiny-huginn"), dtype=torch.float32)
-    tokenizer = load_tokenizer(model_args.model_name_or_path)
-    before = heldout_accuracy(untrained, tokenizer, num_steps=2)
-    trainer = main(script_args, training_args, model_args)
-    after = heldout_accuracy(trainer.model, tokenizer, num_steps=2)
-    print(f"held-out accuracy before {before:.3f}, after {after:.3f}")
-    assert before == 0.0 and after >= 4 / 64

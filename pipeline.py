@@ -1,0 +1,319 @@
+"""One command from nothing to results: the tiny end-to-end pipeline, offline on CPU (about 8 minutes on 2 cores).
+
+    python pipeline.py --output_dir outputs/pipeline
+    python pipeline.py --output_dir outputs/pipeline-seed1 --seed 1
+    python pipeline.py --output_dir outputs/pipeline --config configs/pipeline_tiny.yaml   # sizes and steps
+
+Stages, each writing one subfolder of output_dir:
+
+    data/    tiny.py's datasets: sums of 2-4 single-digit numbers in OpenMathInstruct-2 (SFT), GSM8K (GRPO prompts,
+             eval) and MATH (eval) schemas
+    base/    the tiny default model and tokenizer, pretrained full-parameter on plain text ("What is 3+4+5?\\n3+4+5=12")
+             with the model's own random depth: a base that can add but has never seen the chat format
+    sft/     train_sft.py: LoRA (and the input embeddings) on base/, chat format, "3+4+5=12. \\boxed{12}"
+    grpo/    train_grpo.py from the SFT adapter, correctness + format rewards
+    eval/    evaluate.py compare mode on the GSM8K and MATH files: base, sft and grpo greedy at 1, 2, 4 and 8 recurrent
+             steps (eval/eval), and their mean correctness reward, sampled as in GRPO's rollouts (eval/eval_sampled)
+    report/  results.md (table, learning effects, timings), accuracy_vs_steps.png, training_curves.png
+             (pretraining and SFT loss, GRPO reward)
+
+Rerunning with the same output_dir skips a stage whose stage.json records the same settings as now (its own and
+all earlier stages'); a changed setting reruns that stage and every later one. After changing code, use a new
+output_dir. The YAML config's sections override the stages' tiny configs; this script sets the paths, the seed and
+the system prompt of every stage, so SFT, GRPO and evaluation render the same prompts.
+"""
+
+import argparse
+import json
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import matplotlib
+import torch
+import yaml
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
+from trl import GRPOConfig, SFTConfig
+
+import evaluate
+import tiny
+import train_grpo
+import train_sft
+import training
+
+REPO = Path(__file__).resolve().parent
+DEFAULT_CONFIG = REPO / "configs" / "pipeline_tiny.yaml"
+SECTION_CONFIGS = {"sft": "sft_tiny.yaml", "grpo": "grpo_tiny.yaml", "eval": "eval_tiny.yaml",
+                   "eval_sampled": "eval_tiny.yaml"}
+STAGE_FILE = "stage.json"  # written last: a stage folder without it is incomplete
+# The settings each stage depends on, earlier stages' included.
+STAGE_SETTINGS = {"data": [], "base": ["seed", "pretrain"], "sft": ["seed", "pretrain", "system_prompt", "sft"],
+                  "grpo": ["seed", "pretrain", "system_prompt", "sft", "grpo"],
+                  "eval": ["seed", "pretrain", "system_prompt", "sft", "grpo", "eval", "eval_sampled"]}
+
+
+@dataclass
+class PretrainArguments:
+    max_steps: int = 300
+    batch_size: int = 32
+    learning_rate: float = 2e-3
+    warmup_steps: int = 20
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pretraining: plain arithmetic text, full parameters, random depth
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def arithmetic_example(tokenizer, rng: random.Random) -> tuple[list[int], list[int]]:
+    """input_ids and labels of "<bos>What is 3+4+5?\\n3+4+5=12<eos>", the loss on the worked line: the base learns to
+    restate a question's sum and add it up, in plain text (a third of a chat example's length; learning to add
+    takes ~10,000 examples). It never sees the chat format or \\boxed{}: SFT teaches those."""
+    problem, expression, total = tiny.sum_problem(rng)
+    question = [tokenizer.bos_token_id] + tokenizer.encode(f"{problem}\n", add_special_tokens=False)
+    answer = tokenizer.encode(f"{expression}={total}", add_special_tokens=False) + [tokenizer.eos_token_id]
+    return question + answer, [-100] * len(question) + answer
+
+
+def arithmetic_batch(tokenizer, rng: random.Random, batch_size: int) -> dict[str, torch.Tensor]:
+    """Right-padded: without an attention mask the causal mask already keeps real tokens from seeing the padding."""
+    examples = [arithmetic_example(tokenizer, rng) for _ in range(batch_size)]
+    length = max(len(ids) for ids, _ in examples)
+    return {"input_ids": torch.tensor([ids + [tokenizer.pad_token_id] * (length - len(ids)) for ids, _ in examples]),
+            "labels": torch.tensor([labels + [-100] * (length - len(labels)) for _, labels in examples])}
+
+
+def pretrain(base_dir: Path, args: PretrainArguments, seed: int) -> None:
+    """The tiny default from random weights, trained full-parameter (LoRA on random weights learns little), then
+    saved with its tokenizer as a normal model directory: the base that SFT and GRPO adapt."""
+    tiny.build_tiny_default(base_dir, seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model.train()  # num_steps=None: each forward draws its depth from the model's own depth sampler
+    model.transformer.depth_sampler.manual_seed(seed)
+    rng = random.Random(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
+    log_history = []
+    for step in tqdm(range(1, args.max_steps + 1), desc="pretraining", unit="step", dynamic_ncols=True):
+        loss = model(**arithmetic_batch(tokenizer, rng, args.batch_size)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        log_history.append({"step": step, "loss": loss.item(), "depth": sum(model.transformer.last_num_steps)})
+    model.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    (base_dir / "log_history.json").write_text(json.dumps(log_history))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stages
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def stage_config(stage_dir: Path, section: str, settings: dict, overrides: dict) -> list[str]:
+    """The section's tiny config, updated with the pipeline's section and overrides, written into the stage folder
+    (the record of what ran) and passed as `--config`: the scripts' own parsers check every key."""
+    config = yaml.safe_load((REPO / "configs" / SECTION_CONFIGS[section]).read_text())
+    config.update(settings[section], seed=settings["seed"], system_prompt=settings["system_prompt"], **overrides)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    path = stage_dir / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return ["--config", str(path)]
+
+
+def save_trainer_state(trainer, stage_dir: Path) -> None:
+    if trainer.stopped_by_signal:
+        sys.exit(f"{stage_dir.name} stopped by SIGTERM; rerun the command")
+    trainer.state.save_to_json(str(stage_dir / "trainer_state.json"))  # log_history for the training curves
+
+
+def run_data(output_dir: Path, settings: dict) -> None:
+    tiny.write_tiny_datasets(output_dir / "data")
+
+
+def run_pretrain(output_dir: Path, settings: dict) -> None:
+    pretrain(output_dir / "base", PretrainArguments(**settings["pretrain"]), settings["seed"])
+
+
+def run_sft(output_dir: Path, settings: dict) -> None:
+    stage_dir = output_dir / "sft"
+    argv = stage_config(stage_dir, "sft", settings, {
+        "model_name_or_path": str(output_dir / "base"), "output_dir": str(stage_dir),
+        "dataset_name": [str(output_dir / "data" / "openmathinstruct2_train.jsonl")]})
+    save_trainer_state(train_sft.main(*training.parse_args(train_sft.ScriptArguments, SFTConfig, argv)), stage_dir)
+
+
+def run_grpo(output_dir: Path, settings: dict) -> None:
+    stage_dir = output_dir / "grpo"
+    argv = stage_config(stage_dir, "grpo", settings, {
+        "model_name_or_path": str(output_dir / "base"), "output_dir": str(stage_dir),
+        "sft_adapter": str(output_dir / "sft"), "dataset_name": [str(output_dir / "data" / "gsm8k_train.jsonl")]})
+    save_trainer_state(train_grpo.main(*training.parse_args(train_grpo.ScriptArguments, GRPOConfig, argv)), stage_dir)
+
+
+def run_eval(output_dir: Path, settings: dict) -> None:
+    """Greedy accuracy of base, SFT and GRPO across depths, then the mean correctness reward of SFT and GRPO:
+    accuracy of samples drawn as in GRPO's rollouts (temperature 1, its depth), what GRPO maximises."""
+    adapters = [f"sft={output_dir / 'sft'}", f"grpo={output_dir / 'grpo'}"]
+    benchmarks = [str(output_dir / "data" / name) for name in ("gsm8k_test.jsonl", "math_test.jsonl")]
+    for section, checkpoints in (("eval", ["base", *adapters]), ("eval_sampled", adapters)):
+        eval_dir = output_dir / "eval" / section
+        argv = stage_config(eval_dir, section, settings, {
+            "model_name_or_path": str(output_dir / "base"), "output_dir": str(eval_dir), "adapters": checkpoints,
+            "benchmarks": benchmarks})
+        evaluate.main(evaluate.parse_args(argv))
+
+
+STAGES = {"data": run_data, "base": run_pretrain, "sft": run_sft, "grpo": run_grpo, "eval": run_eval}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def pooled(cells: list[dict], checkpoint: str, num_steps: int) -> float:
+    """Accuracy over both held-out files together (they hold the same kind of problem)."""
+    group = [c for c in cells if c["checkpoint"] == checkpoint and c["num_steps"] == num_steps]
+    return sum(c["accuracy"] * c["n"] for c in group) / sum(c["n"] for c in group)
+
+
+def learning_effects(greedy: list[dict], sampled: list[dict]) -> dict[str, tuple[str, float]]:
+    """What the pipeline exists to show, as (description, accuracy points) on the pooled held-out problems."""
+    low, high = min(c["num_steps"] for c in greedy), max(c["num_steps"] for c in greedy)
+    depth = sampled[0]["num_steps"]
+    return {
+        "sft_over_base": (f"SFT - base, greedy, {high} steps",
+                          pooled(greedy, "sft", high) - pooled(greedy, "base", high)),
+        "deep_over_shallow": (f"SFT, greedy, {high} steps - {low}",
+                              pooled(greedy, "sft", high) - pooled(greedy, "sft", low)),
+        "grpo_over_sft_reward": (f"GRPO - SFT, mean reward, {depth} steps",
+                                 pooled(sampled, "grpo", depth) - pooled(sampled, "sft", depth)),
+        "grpo_over_sft_greedy": (f"GRPO - SFT, greedy, {high} steps",
+                                 pooled(greedy, "grpo", high) - pooled(greedy, "sft", high)),
+    }
+
+
+def results_table(greedy: list[dict], sampled: list[dict]) -> str:
+    steps = sorted({cell["num_steps"] for cell in greedy})
+    cell_of = {(c["checkpoint"], c["benchmark"], c["num_steps"]): c for c in greedy}
+    reward_of = {(c["checkpoint"], c["benchmark"]): c for c in sampled}
+    depth, samples = sampled[0]["num_steps"], sampled[0]["samples_per_problem"]
+    lines = ["| checkpoint | benchmark | n | " + " | ".join(f"greedy, {n} step{'s' * (n > 1)}" for n in steps)
+             + f" | mean reward, {depth} steps |", "|---|---|---|" + "---|" * (len(steps) + 1)]
+    for checkpoint, benchmark in dict.fromkeys((c["checkpoint"], c["benchmark"]) for c in greedy):
+        row = [cell_of[checkpoint, benchmark, n] for n in steps]
+        reward = reward_of.get((checkpoint, benchmark))  # the base has none: it never saw the chat format
+        lines.append(f"| {checkpoint} | {benchmark} | {row[0]['n']} | "
+                     + " | ".join(f"{100 * cell['accuracy']:.1f}%" for cell in row)
+                     + (f" | {reward['accuracy']:.3f} |" if reward else " | |"))
+    table = "\n".join(lines)
+    effects = "\n".join(f"- {name}: {100 * value:+.1f} points"
+                        for name, value in learning_effects(greedy, sampled).values())
+    return (f"{table}\n\nMean reward: correctness of {samples} samples per problem at temperature 1, as in GRPO's "
+            f"rollouts.\n\nEffects (both files pooled):\n{effects}")
+
+
+def plot_training_curves(output_dir: Path, path: Path) -> None:
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pretraining = json.loads((output_dir / "base" / "log_history.json").read_text())
+    sft, grpo = (json.loads((output_dir / name / "trainer_state.json").read_text())["log_history"]
+                 for name in ("sft", "grpo"))
+    panels = [("pretraining (full parameters)", "loss", pretraining), ("SFT (LoRA)", "loss", sft),
+              ("GRPO (LoRA, from SFT)", "reward", grpo)]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, (title, key, history) in zip(axes, panels):
+        points = [(entry["step"], entry[key]) for entry in history if key in entry]
+        ax.plot(*zip(*points), marker="." if len(points) < 50 else None)
+        ax.set(title=title, xlabel="step", ylabel=key)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(output_dir: Path, seconds: dict[str, float]) -> Path:
+    report_dir = output_dir / "report"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    greedy, sampled = (json.loads((output_dir / "eval" / section / "results.json").read_text())
+                       for section in ("eval", "eval_sampled"))
+    shutil.copy(output_dir / "eval" / "eval" / "accuracy_vs_steps.png", report_dir / "accuracy_vs_steps.png")
+    plot_training_curves(output_dir, report_dir / "training_curves.png")
+    timings = ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items())
+    (report_dir / "results.md").write_text(
+        f"# Tiny pipeline results ({date.today()}, seed {greedy['config']['seed']})\n\n"
+        f"Accuracy on the held-out tiny sums by recurrent steps (greedy), and mean correctness reward.\n\n"
+        f"{results_table(greedy['results'], sampled['results'])}\n\n"
+        f"Stage wall times: {timings} (total {sum(seconds.values()) / 60:.1f} min).\n\n"
+        "![accuracy versus steps](accuracy_vs_steps.png)\n\n![training curves](training_curves.png)\n")
+    return report_dir
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_settings(path: Path) -> dict:
+    """The pipeline config. Unknown or missing sections and unknown pretraining keys fail here, not after the
+    earlier stages have run; the stage sections' keys are checked by the scripts' own parsers."""
+    settings = yaml.safe_load(path.read_text())
+    expected = {"seed", "system_prompt", "pretrain", *SECTION_CONFIGS}
+    if set(settings) != expected:
+        raise ValueError(f"{path}: unknown sections {sorted(set(settings) - expected)}, "
+                         f"missing {sorted(expected - set(settings))}")
+    try:
+        PretrainArguments(**settings["pretrain"])
+    except TypeError as error:
+        raise ValueError(f"{path}: pretrain: {error}") from None
+    return settings
+
+
+def main(args: argparse.Namespace) -> Path:
+    settings = load_settings(Path(args.config))
+    if args.seed is not None:
+        settings["seed"] = args.seed
+    print(f"pipeline settings:\n{yaml.safe_dump(settings, sort_keys=False)}", flush=True)
+    output_dir = Path(args.output_dir)
+    seconds, rerun = {}, False
+    for number, (name, run) in enumerate(STAGES.items(), 1):
+        stage_dir = output_dir / name
+        record = {key: settings[key] for key in STAGE_SETTINGS[name]}
+        done = stage_dir / STAGE_FILE
+        rerun = rerun or not done.exists() or json.loads(done.read_text())["settings"] != record
+        if not rerun:
+            seconds[name] = json.loads(done.read_text())["seconds"]
+            print(f"[{number}/{len(STAGES)}] {name}: done before with the same settings, skipped", flush=True)
+            continue
+        print(f"[{number}/{len(STAGES)}] {name} -> {stage_dir}", flush=True)
+        shutil.rmtree(stage_dir, ignore_errors=True)
+        stage_dir.mkdir(parents=True)
+        start = time.perf_counter()
+        run(output_dir, settings)
+        seconds[name] = time.perf_counter() - start
+        done.write_text(json.dumps({"settings": record, "seconds": seconds[name]}, indent=2))
+    report_dir = write_report(output_dir, seconds)
+    print(f"\n{(report_dir / 'results.md').read_text()}\nreport: {report_dir}", flush=True)
+    return report_dir
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", required=True, help="one subfolder per stage, the report in report/")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="seed, system prompt and each stage's settings")
+    parser.add_argument("--seed", type=int, default=None, help="overrides the config's seed")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse_args())
