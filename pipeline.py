@@ -90,7 +90,9 @@ def arithmetic_batch(tokenizer, rng: random.Random, batch_size: int) -> dict[str
 
 def pretrain(base_dir: Path, args: PretrainArguments, seed: int) -> None:
     """The tiny default from random weights, trained full-parameter (LoRA on random weights learns little), then
-    saved with its tokenizer as a normal model directory: the base that SFT and GRPO adapt."""
+    saved with its tokenizer as a normal model directory: the base that SFT and GRPO adapt. A plain loop, not a
+    Trainer: batches are generated on the fly and the stage is short, so there is no dataset, checkpoint or resume
+    to manage (an interrupted pipeline reruns this stage)."""
     tiny.build_tiny_default(base_dir, seed)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
@@ -202,7 +204,7 @@ def learning_effects(greedy: list[dict], sampled: list[dict]) -> dict[str, tuple
     }
 
 
-def results_table(greedy: list[dict], sampled: list[dict]) -> str:
+def results_table(greedy: list[dict], sampled: list[dict], temperature: float) -> str:
     steps = sorted({cell["num_steps"] for cell in greedy})
     cell_of = {(c["checkpoint"], c["benchmark"], c["num_steps"]): c for c in greedy}
     reward_of = {(c["checkpoint"], c["benchmark"]): c for c in sampled}
@@ -218,8 +220,8 @@ def results_table(greedy: list[dict], sampled: list[dict]) -> str:
     table = "\n".join(lines)
     effects = "\n".join(f"- {name}: {100 * value:+.1f} points"
                         for name, value in learning_effects(greedy, sampled).values())
-    return (f"{table}\n\nMean reward: correctness of {samples} samples per problem at temperature 1, as in GRPO's "
-            f"rollouts.\n\nEffects (both files pooled):\n{effects}")
+    return (f"{table}\n\nMean reward: correctness of {samples} samples per problem at temperature {temperature:g}, "
+            f"as in GRPO's rollouts.\n\nEffects (both files pooled):\n{effects}")
 
 
 def plot_training_curves(output_dir: Path, path: Path) -> None:
@@ -253,7 +255,7 @@ def write_report(output_dir: Path, seconds: dict[str, float]) -> Path:
     (report_dir / "results.md").write_text(
         f"# Tiny pipeline results ({date.today()}, seed {greedy['config']['seed']})\n\n"
         f"Accuracy on the held-out tiny sums by recurrent steps (greedy), and mean correctness reward.\n\n"
-        f"{results_table(greedy['results'], sampled['results'])}\n\n"
+        f"{results_table(greedy['results'], sampled['results'], sampled['config']['temperature'])}\n\n"
         f"Stage wall times: {timings} (total {sum(seconds.values()) / 60:.1f} min).\n\n"
         "![accuracy versus steps](accuracy_vs_steps.png)\n\n![training curves](training_curves.png)\n")
     return report_dir
@@ -290,9 +292,10 @@ def main(args: argparse.Namespace) -> Path:
         stage_dir = output_dir / name
         record = {key: settings[key] for key in STAGE_SETTINGS[name]}
         done = stage_dir / STAGE_FILE
-        rerun = rerun or not done.exists() or json.loads(done.read_text())["settings"] != record
+        previous = json.loads(done.read_text()) if done.exists() else None
+        rerun = rerun or previous is None or previous["settings"] != record
         if not rerun:
-            seconds[name] = json.loads(done.read_text())["seconds"]
+            seconds[name] = previous["seconds"]
             print(f"[{number}/{len(STAGES)}] {name}: done before with the same settings, skipped", flush=True)
             continue
         print(f"[{number}/{len(STAGES)}] {name} -> {stage_dir}", flush=True)

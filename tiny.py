@@ -53,8 +53,8 @@ def _byte_alphabet() -> list[str]:
 
 
 # Words of the prompts and answers (data.py's instruction and system prompt, the tiny problems, \\boxed) that get a
-# token each, as in a trained BPE vocabulary: the chat prompt of a tiny problem is ~30 tokens instead of ~110 bytes,
-# so every tiny stage runs ~3x faster. Digits are never merged.
+# token each, as in a trained BPE vocabulary: the chat prompt of a tiny problem is 38 tokens instead of 104 bytes,
+# so the tiny SFT, GRPO and evaluation stages run several times faster. Digits are never merged.
 WORDS = ["What", " is", "Solve", " the", " problem", " step", " by", " and", " put", " final", " answer", " in",
          " \\boxed{", "\\boxed{", "You", " are", " a", " helpful", " assistant", " that", " can", " assist", " users",
          " with", " mathematical", " reasoning", "Huginn", "user", "system"]
@@ -130,8 +130,8 @@ def resolve_model_path(name_or_path: str) -> str:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Tiny math datasets: sums of 2-4 single-digit numbers, a task a ~1M-parameter model learns on CPU in minutes and
-# where more recurrent steps visibly help. The expression has no spaces ("3+4+5": byte-level tokens, so short
-# sequences). Solutions restate it and give the total at once ("3+4+5=12. \\boxed{12}"): the sum is computed in
+# where more recurrent steps visibly help. The expression has no spaces ("3+4+5": one token per character, so
+# short sequences). Solutions restate it and give the total at once ("3+4+5=12. \\boxed{12}"): the sum is computed in
 # the latent recurrence at the "=" token, with no written steps. Rows use the real datasets' schemas.
 # ---------------------------------------------------------------------------------------------------------------
 
