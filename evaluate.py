@@ -10,25 +10,32 @@ huginn-0125 on one GPU, zero-shot chat with the authors' math system prompt, ans
     python evaluate.py --model_name_or_path tomg-group-umd/huginn-0125 --benchmarks gsm8k math500 \\
         --num_steps 4 8 16 32 64 --max_new_tokens 512 --batch_size 16 --output_dir outputs/eval-huginn
 
-Closest to the paper's settings (32 steps; GSM8K 8-shot as multi-turn chat with the system prompt; MATH without it;
-the published numbers themselves come from lm-eval-harness's own gsm8k_cot / minerva_math prompts, see README):
+The paper's settings (32 steps, greedy). GSM8K as lm-eval-harness's gsm8k_cot: its 8 exemplars as "Q: ... A:" chat
+turns ending "The answer is N.", the system prompt, 256 new tokens (lm-eval's default), completions cut at "Q:";
+its strict / flexible scores compare with the published 34.80 / 42.08. MATH without the system prompt, graded with
+math-verify (the paper used lm-eval's minerva_math prompt and matching):
 
     python evaluate.py --model_name_or_path tomg-group-umd/huginn-0125 --benchmarks gsm8k --num_steps 32 \\
-        --num_fewshot 8 --fewshot_source openai/gsm8k --output_dir outputs/eval-paper-gsm8k
+        --prompt_format gsm8k_cot --num_fewshot 8 --max_new_tokens 256 --output_dir outputs/eval-paper-gsm8k
     python evaluate.py --model_name_or_path tomg-group-umd/huginn-0125 --benchmarks math --num_steps 32 \\
         --system_prompt "" --output_dir outputs/eval-paper-math
 
 Compare checkpoints in one table and plot:   --adapters base sft=outputs/sft grpo=outputs/grpo
 Sampling, pass@k and maj@k:                  --do_sample --num_samples 8 --temperature 0.7 --top_p 0.95
-Local files in the hub schema:               --benchmarks ../shared/benchmarks/gsm8k_test.jsonl (label: file stem)
-                                             or --benchmarks gsm8k=path/to/file.jsonl
+Local files in the hub schema:               --benchmarks data/my_gsm8k.jsonl (label: the file stem)
+                                             or --benchmarks gsm8k=data/my_gsm8k.jsonl
 Benchmark names: gsm8k (openai/gsm8k main test, 1319), math500 (HuggingFaceH4/MATH-500), math (the full
 5000-problem MATH test, EleutherAI/hendrycks_math, answers taken from the solutions' last \\boxed{}).
 
+Memory: per depth, the largest batch up to --batch_size whose weights, KV cache and activations fit the budget
+(--max_memory_gb, else the free GPU memory at start; on CPU the available RAM), with exact KV caches (one slot per
+step) unless not even one row fits (generation.plan_generation_memory); --kv_cache_slots k shares slots instead.
+
 Outputs in output_dir: results.json (accuracy with Wilson 95% interval per checkpoint x benchmark x steps, GSM8K's
-lm-eval strict/flexible scores, tokens, speed, config, prompt, versions, git commit), samples.jsonl (one line per
-generated sample, appended and flushed as it goes) and accuracy_vs_steps.png. Rerunning with the same output_dir
-resumes: samples already in samples.jsonl are not generated again.
+lm-eval strict/flexible scores with gsm8k_cot prompts, tokens, speed, the memory plan, config, prompt, versions, git
+commit), samples.jsonl (one line per generated sample, appended and flushed as it goes) and accuracy_vs_steps.png.
+Rerunning with the same output_dir resumes: a sample is reused only when its key, a hash of everything that changes
+a completion (prompt, adapter files, model, dtype, depth, KV cache mode, decoding settings, seed), matches.
 
 Reproducibility: the recurrence starts from the published random state, seeded per problem and sample
 (`state_seeds` = hash(seed, benchmark, id, sample)), so a completion does not depend on its batch: greedy results
@@ -55,29 +62,58 @@ import matplotlib
 import torch
 from peft import PeftModel
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 from trl import TrlParser
 
 import data
 import rewards
-from generation import HuginnEngine
+from generation import HuginnEngine, MemoryPlan, free_memory_bytes, plan_generation_memory
 from modeling_huginn_qlora import nf4_quantization_config
 from tiny import resolve_model_path
 
 BENCHMARKS = {"gsm8k": "openai/gsm8k", "math500": "HuggingFaceH4/MATH-500", "math": "EleutherAI/hendrycks_math"}
-# Settings every sample in one output_dir must share; the others (steps, benchmarks, adapters, limit) only
-# select which samples a run needs.
-GENERATION_SETTINGS = ("model_name_or_path", "dtype", "load_in_4bit", "system_prompt", "num_fewshot",
-                       "fewshot_source", "fewshot_split", "max_new_tokens", "do_sample", "temperature", "top_p",
-                       "seed", "init_state", "kv_cache_slots", "exit_threshold")
-# lm-eval-harness gsm8k / gsm8k-cot filters and exact_match normalisation, so GSM8K compares with published numbers.
-LM_EVAL_STRICT = re.compile(r"#### (-?[0-9.,]+)|The answer is (-?[0-9.,]+).")
+PROMPT_FORMATS = ("boxed", "gsm8k_cot")
+# lm-eval-harness's gsm8k_cot task, which the paper's GSM8K scores come from: the chain-of-thought exemplars of
+# Wei et al. (2022, arXiv 2201.11903), taken first-n, asked as "Q: {question}\nA:"; completions stop at "Q:";
+# strict = first "The answer is N.", flexible = last number, then exact match after its normalisation.
+GSM8K_COT_EXEMPLARS = (
+    ("There are 15 trees in the grove. Grove workers will plant trees in the grove today. After they are done, there "
+     "will be 21 trees. How many trees did the grove workers plant today?",
+     "There are 15 trees originally. Then there were 21 trees after some more were planted. So there must have been "
+     "21 - 15 = 6. The answer is 6."),
+    ("If there are 3 cars in the parking lot and 2 more cars arrive, how many cars are in the parking lot?",
+     "There are originally 3 cars. 2 more cars arrive. 3 + 2 = 5. The answer is 5."),
+    ("Leah had 32 chocolates and her sister had 42. If they ate 35, how many pieces do they have left in total?",
+     "Originally, Leah had 32 chocolates. Her sister had 42. So in total they had 32 + 42 = 74. After eating 35, they "
+     "had 74 - 35 = 39. The answer is 39."),
+    ("Jason had 20 lollipops. He gave Denny some lollipops. Now Jason has 12 lollipops. How many lollipops did Jason "
+     "give to Denny?",
+     "Jason started with 20 lollipops. Then he had 12 after giving some to Denny. So he gave Denny 20 - 12 = 8. The "
+     "answer is 8."),
+    ("Shawn has five toys. For Christmas, he got two toys each from his mom and dad. How many toys does he have now?",
+     "Shawn started with 5 toys. If he got 2 toys each from his mom and dad, then that is 4 more toys. 5 + 4 = 9. The "
+     "answer is 9."),
+    ("There were nine computers in the server room. Five more computers were installed each day, from monday to "
+     "thursday. How many computers are now in the server room?",
+     "There were originally 9 computers. For each of 4 days, 5 more computers were added. So 5 * 4 = 20 computers "
+     "were added. 9 + 20 is 29. The answer is 29."),
+    ("Michael had 58 golf balls. On tuesday, he lost 23 golf balls. On wednesday, he lost 2 more. How many golf balls "
+     "did he have at the end of wednesday?",
+     "Michael started with 58 golf balls. After losing 23 on tuesday, he had 58 - 23 = 35. After losing 2 more, he "
+     "had 35 - 2 = 33 golf balls. The answer is 33."),
+    ("Olivia has $23. She bought five bagels for $3 each. How much money does she have left?",
+     "Olivia had 23 dollars. 5 bagels for 3 dollars each will be 5 x 3 = 15 dollars. So she has 23 - 15 dollars "
+     "left. 23 - 15 is 8. The answer is 8."),
+)
+LM_EVAL_STOP = "Q:"
+LM_EVAL_STRICT = re.compile(r"The answer is (-?[0-9.,]+).")
 LM_EVAL_FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
 LM_EVAL_IGNORE = (r",", r"\$", r"(?s).*#### ", r"\.$")
 
-# A generation backend: (requests, num_steps) -> one {"completion", "num_tokens", "finished"} per request. A request
-# holds "id", "sample", "seed", "prompt" and the gold "problem", "solution", "answer" (stand-ins may use them).
-Backend = Callable[[list[dict], int], list[dict]]
+# A generation backend: (requests, num_steps, kv_cache_slots) -> one {"completion", "num_tokens", "finished"} per
+# request (kv_cache_slots None: one slot per step). A request holds "id", "sample", "seed", "prompt" and the gold
+# "problem", "solution", "answer" (stand-ins may use them).
+Backend = Callable[[list[dict], int, int | None], list[dict]]
 
 
 @dataclass
@@ -92,18 +128,29 @@ class EvalArguments:
     exit_threshold: float | None = field(default=None, metadata={
         "help": "adaptive exit: a token stops recurring when successive steps' next-token KL is below this (e.g. "
                 "5e-4); num_steps is then the maximum. Uses generation.HuginnEngine"})
-    batch_size: int = field(default=16, metadata={"help": "prompts per generate call; higher: faster, more memory"})
+    batch_size: int = field(default=16, metadata={
+        "help": "prompts per generate call, at most; the memory plan lowers it to fit. Higher: faster, more memory"})
+    max_memory_gb: float | None = field(default=None, metadata={
+        "help": "memory budget (GB) for weights, KV cache and activations; default: the free GPU memory at start "
+                "(on CPU: the available RAM)"})
     max_new_tokens: int = 512
     do_sample: bool = field(default=False, metadata={"help": "sample instead of greedy decoding"})
     num_samples: int = field(default=1, metadata={"help": "samples per problem (pass@k, maj@k); needs do_sample"})
     temperature: float = 0.7
     top_p: float = 0.95
     system_prompt: str = field(default=data.SYSTEM_PROMPT, metadata={"help": "'' for none"})
+    prompt_format: str = field(default="boxed", metadata={
+        "help": "boxed: the chat prompt SFT trains on, answer in \\boxed{}; gsm8k_cot: lm-eval-harness's gsm8k_cot "
+                "('Q: ... A:' turns, its fixed exemplars ending 'The answer is N.'), which alone reports GSM8K's "
+                "lm-eval strict/flexible scores"})
     num_fewshot: int = field(default=0, metadata={"help": "solved exemplars given as earlier chat turns"})
-    fewshot_source: str = field(default="openai/gsm8k", metadata={"help": "hub id or local file of exemplars"})
+    fewshot_source: str = field(default="openai/gsm8k", metadata={
+        "help": "hub id or local file of exemplars (prompt_format boxed)"})
     fewshot_split: str = "train"
     init_state: str = field(default="random", metadata={"help": "initial recurrent state: random (seeded) or zero"})
-    kv_cache_slots: int | None = field(default=None, metadata={"help": "share core KV slots (step mod k)"})
+    kv_cache_slots: int | None = field(default=None, metadata={
+        "help": "share core KV slots (step mod k): less memory, slightly different completions. Default: exact "
+                "(one slot per step) unless even batch 1 does not fit; 1 with exit_threshold"})
     dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on GPU, float32 on CPU), bfloat16, ..."})
     load_in_4bit: bool = field(default=False, metadata={"help": "NF4 base weights (QLoRA's quantization)"})
     grader_timeout_s: float = rewards.DEFAULT_TIMEOUT_S
@@ -145,19 +192,50 @@ def fixed_subset(rows: list, limit: int | None, seed: int) -> list:
     return [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), limit))]
 
 
-def chat_messages(problem: str, system_prompt: str, exemplars: list[dict]) -> list[dict]:
-    """data.prompt_messages, with solved exemplars as earlier user/assistant turns when few-shot."""
+def chat_messages(problem: str, args: EvalArguments, exemplars: list[dict]) -> list[dict]:
+    """The chat asking one problem, solved exemplars as earlier user/assistant turns. boxed: data.prompt_messages,
+    exemplars from `exemplars` answered in \\boxed{}; gsm8k_cot: lm-eval's "Q: ...\\nA:" turns, its own exemplars."""
+    if args.prompt_format == "gsm8k_cot":
+        system = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
+        shots = []
+        for question, answer in GSM8K_COT_EXEMPLARS[:args.num_fewshot]:
+            shots += [{"role": "user", "content": f"Q: {question}\nA:"}, {"role": "assistant", "content": answer}]
+        return system + shots + [{"role": "user", "content": f"Q: {problem}\nA:"}]
     shots = []
     for example in exemplars:
         shots += data.prompt_messages(example["problem"], None)
         shots.append({"role": "assistant", "content": data.boxed_solution(example["solution"], example["answer"])})
-    messages = data.prompt_messages(problem, system_prompt or None)
+    messages = data.prompt_messages(problem, args.system_prompt or None)
     return messages[:-1] + shots + messages[-1:]
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Generation backend
+# Generation backend and its memory plan
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def device_and_dtype(args: EvalArguments) -> tuple[torch.device, torch.dtype]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.dtype != "auto":
+        return device, getattr(torch, args.dtype)
+    return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def memory_plans(args: EvalArguments, prompt_length: int) -> tuple[dict[int, MemoryPlan], str]:
+    """A batch size and KV cache mode per depth that fit the budget, and where the budget came from. Planned once,
+    before any model is loaded, so the free memory measured includes what the weights will take."""
+    device, dtype = device_and_dtype(args)
+    if args.max_memory_gb is not None:
+        budget, source = args.max_memory_gb * 1e9, "max_memory_gb"
+    else:
+        budget = free_memory_bytes(device)
+        source = f"{'free GPU memory' if device.type == 'cuda' else 'available RAM'} at start"
+    config = AutoConfig.from_pretrained(resolve_model_path(args.model_name_or_path))
+    adaptive = args.exit_threshold is not None
+    slots = args.kv_cache_slots or (1 if adaptive else None)  # the engine's default: one shared slot
+    return {steps: plan_generation_memory(config, budget, args.batch_size, prompt_length, args.max_new_tokens, steps,
+                                          slots, dtype, args.load_in_4bit, engine=adaptive)
+            for steps in args.num_steps}, source
 
 
 class HuginnBackend:
@@ -165,9 +243,7 @@ class HuginnBackend:
 
     def __init__(self, args: EvalArguments, adapter: str | None):
         self.args = args
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = (torch.bfloat16 if self.device.type == "cuda" else torch.float32) if args.dtype == "auto" else getattr(
-            torch, args.dtype)
+        self.device, dtype = device_and_dtype(args)
         model = AutoModelForCausalLM.from_pretrained(
             resolve_model_path(args.model_name_or_path), dtype=dtype, device_map=self.device,
             quantization_config=nf4_quantization_config(dtype) if args.load_in_4bit else None)
@@ -176,14 +252,11 @@ class HuginnBackend:
             model = model if args.load_in_4bit else model.merge_and_unload()  # merged: no LoRA cost per block pass
         self.model = model.eval()
         self.tokenizer = data.load_tokenizer(args.model_name_or_path)
-        eos = model.generation_config.eos_token_id
-        end_turn = self.tokenizer.convert_tokens_to_ids("<|end_turn|>")  # a chat turn ends there, whatever the config
-        eos_ids = {*(eos if isinstance(eos, list) else [eos]), end_turn} - {None, self.tokenizer.unk_token_id}
-        self.eos_ids = sorted(eos_ids)
+        self.eos_ids = data.stop_token_ids(model.generation_config, self.tokenizer)
 
-    def __call__(self, requests: list[dict], num_steps: int) -> list[dict]:
+    def __call__(self, requests: list[dict], num_steps: int, kv_cache_slots: int | None) -> list[dict]:
         if self.args.exit_threshold is not None:
-            return self.generate_adaptive(requests, num_steps)
+            return self.generate_adaptive(requests, num_steps, kv_cache_slots or num_steps)
         args = self.args
         batch = self.tokenizer([r["prompt"] for r in requests], return_tensors="pt", padding=True,
                                add_special_tokens=False).to(self.device)  # the chat template holds the bos token
@@ -194,16 +267,16 @@ class HuginnBackend:
         output = self.model.generate(
             batch.input_ids, attention_mask=batch.attention_mask, num_steps=num_steps,
             max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, init_state=args.init_state,
-            state_seeds=torch.tensor([r["seed"] for r in requests]), kv_cache_slots=args.kv_cache_slots,
+            state_seeds=torch.tensor([r["seed"] for r in requests]), kv_cache_slots=kv_cache_slots,
             eos_token_id=self.eos_ids, pad_token_id=self.tokenizer.pad_token_id, **sampling)
         return [self.completion(ids) for ids in output[:, batch.input_ids.shape[1]:].tolist()]
 
-    def generate_adaptive(self, requests: list[dict], num_steps: int) -> list[dict]:
+    def generate_adaptive(self, requests: list[dict], num_steps: int, kv_cache_slots: int) -> list[dict]:
         """The engine's per-token adaptive exit (at most num_steps); reports the mean steps each completion used."""
         args = self.args
         prompts = [self.tokenizer(r["prompt"], add_special_tokens=False).input_ids for r in requests]
         engine = HuginnEngine(self.model, len(prompts), max(map(len, prompts)) + args.max_new_tokens,
-                              kv_cache_slots=args.kv_cache_slots or 1, exit_threshold=args.exit_threshold)
+                              kv_cache_slots=kv_cache_slots, exit_threshold=args.exit_threshold)
         seeds = [r["seed"] for r in requests]
         result = engine.generate(prompts, num_steps=num_steps, max_new_tokens=args.max_new_tokens,
                                  eos_token_ids=self.eos_ids, do_sample=args.do_sample, temperature=args.temperature,
@@ -220,8 +293,8 @@ class HuginnBackend:
 
 def stand_in(complete: Callable[[dict], str]) -> Backend:
     """A Backend from a function request -> completion (an oracle, a fake model in tests); it generates no tokens."""
-    return lambda requests, num_steps: [{"completion": complete(r), "num_tokens": 0, "finished": True}
-                                        for r in requests]
+    return lambda requests, num_steps, kv_cache_slots: [
+        {"completion": complete(r), "num_tokens": 0, "finished": True} for r in requests]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -230,36 +303,38 @@ def stand_in(complete: Callable[[dict], str]) -> Backend:
 
 
 def lm_eval_gsm8k(completion: str, gold: str) -> tuple[bool, bool]:
-    """lm-eval-harness GSM8K exact match (strict: first '#### N' / 'The answer is N'; flexible: last number)."""
+    """lm-eval-harness gsm8k_cot exact match (strict: the first 'The answer is N.'; flexible: the last number)."""
 
     def normalise(text: str) -> str:
         for pattern in LM_EVAL_IGNORE:
             text = re.sub(pattern, "", text)
         return text.strip().lower()
 
-    strict, flexible = ([next(g for g in groups if g) for groups in pattern.findall(completion)]
+    strict, flexible = ([next(g for g in match.groups() if g) for match in pattern.finditer(completion)]
                         for pattern in (LM_EVAL_STRICT, LM_EVAL_FLEXIBLE))
     target = normalise(gold)
     return (bool(strict) and normalise(strict[0]) == target), (bool(flexible) and normalise(flexible[-1]) == target)
 
 
 def score(requests: list[dict], completions: list[dict], is_gsm8k: bool, args: EvalArguments) -> list[dict]:
-    """Grade with rewards.py (math-verify; GSM8K allows a last-number fallback); sample records for samples.jsonl."""
-    texts = [c["completion"] for c in completions]
+    """Grade with rewards.py (math-verify; GSM8K allows a last-number fallback); sample records for samples.jsonl.
+    gsm8k_cot prompts: completions end at lm-eval's stop sequence, and GSM8K gets lm-eval's strict/flexible scores
+    (the \\boxed{} prompts never ask for 'The answer is N.', so strict would be ~0 by construction)."""
+    cot = args.prompt_format == "gsm8k_cot"
+    texts = [c["completion"].split(LM_EVAL_STOP)[0] if cot else c["completion"] for c in completions]
     correct = rewards.grade_batch(texts, [r["answer"] for r in requests], timeout_s=args.grader_timeout_s,
                                   num_workers=args.grader_workers, numeric_fallback=is_gsm8k)
     records = []
-    for request, completion, verdict in zip(requests, completions, correct):
-        record = {key: request[key] for key in ("checkpoint", "benchmark", "steps", "id", "sample", "prompt")}
-        record.update(completion=completion["completion"], num_tokens=completion.get("num_tokens", 0),
+    for request, completion, text, verdict in zip(requests, completions, texts, correct):
+        record = {key: request[key] for key in ("checkpoint", "benchmark", "steps", "id", "sample", "key", "prompt")}
+        record.update(completion=text, num_tokens=completion.get("num_tokens", 0),
                       finished=completion.get("finished", True), seconds=request["seconds"],
-                      extracted=rewards.extract_answer(completion["completion"], numeric_fallback=is_gsm8k),
-                      gold=request["answer"], correct=verdict)
+                      extracted=rewards.extract_answer(text, numeric_fallback=is_gsm8k), gold=request["answer"],
+                      correct=verdict)
         if "mean_steps_used" in completion:
             record["mean_steps_used"] = completion["mean_steps_used"]
-        if is_gsm8k:
-            record["lm_eval_strict"], record["lm_eval_flexible"] = lm_eval_gsm8k(completion["completion"],
-                                                                                 request["answer"])
+        if is_gsm8k and cot:
+            record["lm_eval_strict"], record["lm_eval_flexible"] = lm_eval_gsm8k(text, request["answer"])
         records.append(record)
     return records
 
@@ -281,7 +356,7 @@ def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
     return 1.0 - math.comb(num_samples - num_correct, k) / math.comb(num_samples, k)
 
 
-def summarise(records: list[dict], is_gsm8k: bool, num_samples: int) -> dict:
+def summarise(records: list[dict], num_samples: int) -> dict:
     """Metrics of one checkpoint x benchmark x steps cell. Ungradable samples (None) count as wrong. With several
     samples, accuracy is the mean over samples (pass@1) and the interval treats per-problem means as successes."""
     by_problem = defaultdict(list)
@@ -298,7 +373,7 @@ def summarise(records: list[dict], is_gsm8k: bool, num_samples: int) -> dict:
             "tokens_per_s": tokens / seconds if seconds > 0 else 0.0, "wall_time_s": seconds}
     if records and "mean_steps_used" in records[0]:  # adaptive exit
         cell["mean_steps_used"] = sum(r["mean_steps_used"] for r in records) / len(records)
-    if is_gsm8k:
+    if records and "lm_eval_strict" in records[0]:  # GSM8K with gsm8k_cot prompts
         for key in ("lm_eval_strict", "lm_eval_flexible"):
             cell[key] = sum(r[key] for r in records) / max(len(records), 1)
     if num_samples > 1:
@@ -345,20 +420,35 @@ def read_samples(path: Path) -> list[dict]:
 
 
 def record_key(record: dict) -> tuple:
-    return record["checkpoint"], record["benchmark"], record["steps"], record["id"], record["sample"]
+    return (record["checkpoint"], record["benchmark"], record["steps"], record["id"], record["sample"],
+            record.get("key"))
 
 
-def check_settings(output_dir: Path, args: EvalArguments) -> None:
-    """Refuse to mix samples generated with different settings in one output_dir."""
-    settings = {key: getattr(args, key) for key in GENERATION_SETTINGS}
-    path = output_dir / "settings.json"
-    if path.exists():
-        saved = json.loads(path.read_text())
-        changed = sorted(key for key in settings if saved.get(key) != settings[key])
-        if changed:
-            raise ValueError(f"{output_dir} holds samples generated with other settings ({', '.join(changed)}): "
-                             "use a new output_dir")
-    path.write_text(json.dumps(settings, indent=2))
+def adapter_fingerprint(adapter: str) -> str:
+    """sha256 of an adapter directory's config and weight files (adapter_config.json, adapter_model.*), so a
+    retrained adapter in the same directory never reuses its predecessor's samples; a hub id stands for itself."""
+    directory = Path(adapter)
+    if not directory.is_dir():
+        return adapter
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.glob("adapter_*") if p.is_file()):
+        with open(path, "rb") as file:
+            digest.update(path.name.encode() + hashlib.file_digest(file, "sha256").digest())
+    return digest.hexdigest()
+
+
+def completion_settings(args: EvalArguments, fingerprint: str, num_steps: int, plan: MemoryPlan) -> dict:
+    """Everything but the prompt that changes one checkpoint's completions at one depth (batch size does not)."""
+    settings = {key: getattr(args, key) for key in ("model_name_or_path", "load_in_4bit", "max_new_tokens",
+                                                    "do_sample", "init_state", "exit_threshold", "seed")}
+    if args.do_sample:
+        settings.update(temperature=args.temperature, top_p=args.top_p)
+    return {**settings, "dtype": str(device_and_dtype(args)[1]), "checkpoint": fingerprint, "num_steps": num_steps,
+            "kv_cache_slots": plan.kv_cache_slots}
+
+
+def sample_key(settings: dict, prompt: str, answer: str) -> str:
+    return hashlib.sha256(json.dumps([settings, prompt, answer], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def plot(cells: list[dict], path: Path) -> None:
@@ -388,14 +478,14 @@ def plot(cells: list[dict], path: Path) -> None:
 
 
 def versions() -> dict:
-    packages = ("torch", "transformers", "peft", "datasets", "trl", "math-verify", "bitsandbytes")
-    found = {}
-    for package in packages:
+    # torch.__version__ carries the build ('2.14.1+cu130'), which a pip wheel's metadata ('2.14.1') may not.
+    found = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    for package in ("transformers", "peft", "datasets", "trl", "math-verify", "bitsandbytes"):
         try:
             found[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             found[package] = None
-    return {"python": platform.python_version(), **found}
+    return found
 
 
 def git_commit() -> str | None:
@@ -413,15 +503,41 @@ def git_commit() -> str | None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def main(args: EvalArguments, backends: dict[str, Backend] | None = None) -> list[dict]:
-    """Evaluate every checkpoint x benchmark x steps; returns the result cells (also in results.json).
-    `backends` (label -> Backend) replaces loading the model and adapters, e.g. by an oracle in tests."""
+def build_problems(args: EvalArguments, benchmarks: dict[str, str], tokenizer) -> tuple[dict, dict]:
+    """label -> rows, each with its rendered "prompt"; label -> whether the benchmark is in GSM8K's schema."""
+    problems, is_gsm8k = {}, {}
+    for label, source in benchmarks.items():
+        rows, schema = load_rows(source)
+        problems[label], is_gsm8k[label] = fixed_subset(rows, args.limit, args.seed), schema == "gsm8k"
+    exemplars = []
+    if args.num_fewshot and args.prompt_format == "boxed":
+        pool = load_rows(args.fewshot_source, args.fewshot_split)[0]
+        exemplars = random.Random(args.seed).sample(pool, args.num_fewshot)
+    for rows in problems.values():
+        for row in rows:
+            shots = [e for e in exemplars if e["problem"] != row["problem"]]  # never the question as its own shot
+            row["prompt"] = tokenizer.apply_chat_template(chat_messages(row["problem"], args, shots),
+                                                          add_generation_prompt=True, tokenize=False)
+    return problems, is_gsm8k
+
+
+def check_arguments(args: EvalArguments) -> None:
     if args.exit_threshold is not None and args.init_state != "random":
         raise ValueError("adaptive exit (the engine) starts from the seeded random state: use init_state random")
     if args.num_samples > 1 and not args.do_sample:
         raise ValueError("num_samples > 1 needs do_sample (greedy samples would all be the same)")
     if args.init_state not in ("random", "zero"):
         raise ValueError(f"init_state must be 'random' or 'zero', got {args.init_state!r}")
+    if args.prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {args.prompt_format!r}")
+    if args.prompt_format == "gsm8k_cot" and args.num_fewshot > len(GSM8K_COT_EXEMPLARS):
+        raise ValueError(f"gsm8k_cot has {len(GSM8K_COT_EXEMPLARS)} exemplars, num_fewshot is {args.num_fewshot}")
+
+
+def main(args: EvalArguments, backends: dict[str, Backend] | None = None) -> list[dict]:
+    """Evaluate every checkpoint x benchmark x steps; returns the result cells (also in results.json).
+    `backends` (label -> Backend) replaces loading the model and adapters, e.g. by an oracle in tests."""
+    check_arguments(args)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     print(f"evaluate.py config (seed {args.seed}):\n{json.dumps(asdict(args), indent=2)}", flush=True)
@@ -431,30 +547,31 @@ def main(args: EvalArguments, backends: dict[str, Backend] | None = None) -> lis
     checkpoints = dict(map(parse_labelled, args.adapters)) if backends is None else dict.fromkeys(backends)
     if len(benchmarks) < len(args.benchmarks) or (backends is None and len(checkpoints) < len(args.adapters)):
         raise ValueError(f"labels must be unique (name them label=source): {args.benchmarks} {args.adapters}")
-    problems, is_gsm8k = {}, {}
-    for label, source in benchmarks.items():
-        rows, schema = load_rows(source)
-        problems[label], is_gsm8k[label] = fixed_subset(rows, args.limit, args.seed), schema == "gsm8k"
-    exemplars = []
-    if args.num_fewshot:
-        pool = load_rows(args.fewshot_source, args.fewshot_split)[0]
-        exemplars = random.Random(args.seed).sample(pool, args.num_fewshot)
     tokenizer = data.load_tokenizer(args.model_name_or_path)
-    for label, rows in problems.items():
-        for row in rows:
-            shots = [e for e in exemplars if e["problem"] != row["problem"]]  # never the question as its own shot
-            row["prompt"] = tokenizer.apply_chat_template(chat_messages(row["problem"], args.system_prompt, shots),
-                                                          add_generation_prompt=True, tokenize=False)
+    problems, is_gsm8k = build_problems(args, benchmarks, tokenizer)
+    prompt_length = max((len(tokenizer(row["prompt"], add_special_tokens=False).input_ids)
+                         for rows in problems.values() for row in rows), default=1)
+    plans, budget_source = memory_plans(args, prompt_length)
+    for steps, plan in plans.items():
+        print(f"memory plan, {steps} steps: batch {plan.batch_size}, KV cache "
+              f"{'exact' if plan.kv_cache_slots is None else f'{plan.kv_cache_slots} shared slot(s)'}, "
+              f"{plan.total_bytes / 1e9:.2f} of {plan.budget_bytes / 1e9:.2f} GB ({budget_source}; longest prompt "
+              f"{prompt_length} tokens)")
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    check_settings(output_dir, args)
     samples_path = output_dir / "samples.jsonl"
     rows_by_id = {(label, row["id"]): row for label, rows in problems.items() for row in rows}
-    wanted = [(checkpoint, label, steps, row["id"], sample) for checkpoint in checkpoints for steps in args.num_steps
-              for label, rows in problems.items() for row in rows for sample in range(args.num_samples)]
+    fingerprints = {checkpoint: adapter if adapter in (None, "base") else adapter_fingerprint(adapter)
+                    for checkpoint, adapter in checkpoints.items()}
+    wanted = []  # (checkpoint, benchmark, steps, id, sample, key)
+    for checkpoint in checkpoints:
+        for steps in args.num_steps:
+            settings = completion_settings(args, fingerprints[checkpoint], steps, plans[steps])
+            wanted += [(checkpoint, label, steps, row["id"], sample, sample_key(settings, row["prompt"], row["answer"]))
+                       for label, rows in problems.items() for row in rows for sample in range(args.num_samples)]
     wanted_set = set(wanted)
     records = {record_key(r): r for r in read_samples(samples_path) if record_key(r) in wanted_set}
-    pending = [key for key in wanted if key not in records]  # (checkpoint, benchmark, steps, id, sample)
+    pending = [key for key in wanted if key not in records]
     print(f"{len(wanted)} samples wanted, {len(records)} already in {samples_path}, {len(pending)} to generate")
 
     progress = tqdm(total=len(pending), desc="generating", unit="sample", dynamic_ncols=True)
@@ -465,16 +582,16 @@ def main(args: EvalArguments, backends: dict[str, Backend] | None = None) -> lis
                 continue
             backend = backends[checkpoint] if backends is not None else HuginnBackend(
                 args, None if adapter == "base" else adapter)
-            for steps in args.num_steps:
+            for steps, plan in plans.items():
                 for label in problems:
                     group = [key for key in todo if key[1:3] == (label, steps)]
                     group.sort(key=lambda key: -len(rows_by_id[label, key[3]]["prompt"]))  # less padding
-                    for start in range(0, len(group), args.batch_size):
+                    for start in range(0, len(group), plan.batch_size):
                         batch = [dict(rows_by_id[label, id_], checkpoint=checkpoint, benchmark=label, steps=steps,
-                                      sample=sample, seed=stable_seed(args.seed, label, id_, sample))
-                                 for _, _, _, id_, sample in group[start:start + args.batch_size]]
+                                      sample=sample, key=key, seed=stable_seed(args.seed, label, id_, sample))
+                                 for _, _, _, id_, sample, key in group[start:start + plan.batch_size]]
                         began = time.perf_counter()
-                        completions = backend(batch, steps)
+                        completions = backend(batch, steps, plan.kv_cache_slots)
                         for request in batch:  # the batch's time, shared by its samples
                             request["seconds"] = (time.perf_counter() - began) / len(batch)
                         for record in score(batch, completions, is_gsm8k[label], args):
@@ -491,16 +608,21 @@ def main(args: EvalArguments, backends: dict[str, Backend] | None = None) -> lis
     cells = []
     for checkpoint in checkpoints:
         for label in problems:
-            for steps in args.num_steps:
+            for steps, plan in plans.items():
                 group = [r for key, r in records.items() if key[:3] == (checkpoint, label, steps)]
                 cells.append({"checkpoint": checkpoint, "benchmark": label, "num_steps": steps,
-                              **summarise(group, is_gsm8k[label], args.num_samples)})
+                              **summarise(group, args.num_samples), "batch_size": plan.batch_size,
+                              "kv_cache_slots": plan.kv_cache_slots})  # None: exact, one slot per step
     results = {
         "results": cells,
+        "memory_plan": {"budget_source": budget_source, "longest_prompt_tokens": prompt_length,
+                        "by_num_steps": {steps: asdict(plan) for steps, plan in plans.items()}},
         "config": asdict(args),
         "checkpoints": checkpoints,
+        "checkpoint_fingerprints": fingerprints,
         "benchmarks": benchmarks,
-        "prompt": {"system_prompt": args.system_prompt, "instruction": data.ANSWER_INSTRUCTION,
+        "prompt": {"format": args.prompt_format, "system_prompt": args.system_prompt,
+                   "instruction": data.ANSWER_INSTRUCTION if args.prompt_format == "boxed" else None,
                    "num_fewshot": args.num_fewshot, "chat_template": tokenizer.chat_template,
                    "examples": {label: rows[0]["prompt"] for label, rows in problems.items() if rows}},
         "versions": versions(),

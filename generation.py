@@ -39,6 +39,7 @@ from modeling_huginn_qlora import (
     HuginnConfig,
     HuginnForCausalLM,
     HuginnKVCache,
+    nf4_quantization_config,
     rotary_cos_sin,
     sampling_warpers,
     seeded_uniform,
@@ -52,6 +53,87 @@ def kv_cache_bytes_per_token(config: HuginnConfig, kv_cache_slots: int, dtype: t
     """Keys + values of one token in every cached layer: prelude, k core slots, coda."""
     layers = config.n_layers_in_prelude + kv_cache_slots * config.n_layers_in_recurrent_block + config.n_layers_in_coda
     return layers * 2 * config.num_key_value_heads * config.head_dim * dtype.itemsize
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory plan: batch size and KV cache mode that fit a memory budget
+# ---------------------------------------------------------------------------------------------------------------
+
+MEMORY_HEADROOM = 0.9  # of the budget: allocator fragmentation, cuBLAS workspaces, the CUDA context's growth
+
+
+def model_weight_bytes(config: HuginnConfig, dtype: torch.dtype, load_in_4bit: bool = False) -> int:
+    """Resident bytes of the weights (and buffers) in `dtype`. NF4 (`nf4_quantization_config`): every Linear but
+    the skipped ones holds 4 bits per weight plus one 8-bit absmax per 64 weights (double quantization)."""
+    with torch.device("meta"):
+        model = HuginnForCausalLM(config)
+    total = sum(p.numel() * dtype.itemsize for p in model.parameters())  # the tied head counted once
+    total += sum(b.numel() * b.element_size() for b in model.buffers())
+    if load_in_4bit:
+        skipped = nf4_quantization_config(dtype).llm_int8_skip_modules
+        quantized = sum(m.weight.numel() for name, m in model.named_modules()
+                        if isinstance(m, nn.Linear) and name not in skipped)
+        total -= quantized * dtype.itemsize - quantized // 2 - quantized // 64
+    return total
+
+
+def kv_cache_bytes(config: HuginnConfig, batch_size: int, length: int, kv_cache_slots: int,
+                   dtype: torch.dtype = torch.bfloat16) -> int:
+    """What HuginnKVCache(config, batch_size, length, kv_cache_slots, dtype) allocates."""
+    return kv_cache_bytes_per_token(config, kv_cache_slots, dtype) * batch_size * length
+
+
+def prefill_activation_bytes(config: HuginnConfig, batch_size: int, prompt_length: int, dtype: torch.dtype) -> int:
+    """A bound on the transient memory of prefilling a batch, the largest of a generate call. Per prompt token: the
+    MLP's fused `fc` output with its gated product (4 x intermediate_size in `dtype`), fp32 RoPE copies of q and k
+    with the residual stream, state and adapter input (16 x n_embd in fp32), and fp32 attention scores over the
+    prompt (SDPA's math fallback materialises them); per row, fp32 next-token logits and their log-softmax copies."""
+    per_token = (4 * config.intermediate_size * dtype.itemsize + 16 * config.n_embd * 4
+                 + config.num_attention_heads * prompt_length * 4)
+    return batch_size * (prompt_length * per_token + 4 * config.padded_vocab_size * 4)
+
+
+@dataclass
+class MemoryPlan:
+    """A batch size and KV cache mode (`kv_cache_slots` None: one cache slot per recurrent step, exact) and the
+    bytes they need, all fitting MEMORY_HEADROOM of `budget_bytes`."""
+
+    batch_size: int
+    kv_cache_slots: int | None
+    weight_bytes: int
+    cache_bytes: int
+    activation_bytes: int
+    budget_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.cache_bytes + self.activation_bytes
+
+
+def plan_generation_memory(config: HuginnConfig, budget_bytes: float, batch_size: int, prompt_length: int,
+                           max_new_tokens: int, num_steps: int, kv_cache_slots: int | None = None,
+                           dtype: torch.dtype = torch.bfloat16, load_in_4bit: bool = False,
+                           engine: bool = False) -> MemoryPlan:
+    """The largest batch (at most `batch_size`) whose weights, KV cache for `prompt_length + max_new_tokens` tokens
+    per row, and prefill activations fit. `kv_cache_slots` None: exact caches (one slot per step) at whatever batch
+    fits, since a smaller batch leaves greedy completions unchanged while shared slots change them; one slot shared
+    by all steps (k=1, the authors' compress-s4) only if not even one exact row fits. An int k: that mode (k >=
+    num_steps is exact). `engine`: sized for HuginnEngine (one scratch position per row) instead of
+    `model.generate`. Raises ValueError when not even one row fits."""
+    weights = model_weight_bytes(config, dtype, load_in_4bit)
+    length = prompt_length + max_new_tokens + int(engine)
+    usable = MEMORY_HEADROOM * budget_bytes - weights
+    for slots in [min(kv_cache_slots, num_steps)] if kv_cache_slots else [num_steps, 1]:
+        for batch in range(batch_size, 0, -1):
+            cache = kv_cache_bytes(config, batch, length, slots, dtype)
+            activations = prefill_activation_bytes(config, batch, prompt_length, dtype)
+            if cache + activations <= usable:
+                return MemoryPlan(batch, None if slots == num_steps else slots, weights, cache, activations,
+                                  int(budget_bytes))
+    one_row = kv_cache_bytes(config, 1, length, 1, dtype) + prefill_activation_bytes(config, 1, prompt_length, dtype)
+    raise ValueError(f"generation needs {(weights + one_row) / 1e9:.2f} GB at batch 1 (weights {weights / 1e9:.2f} "
+                     f"GB, {length} tokens of KV cache) but {MEMORY_HEADROOM:.0%} of the budget is "
+                     f"{MEMORY_HEADROOM * budget_bytes / 1e9:.2f} GB: use NF4 weights, fewer new tokens or more memory")
 
 
 class EngineKVCache(HuginnKVCache):
@@ -475,9 +557,15 @@ def _needs_copy(model) -> bool:
 
 
 def free_memory_bytes(device: torch.device) -> int:
+    """What new allocations can take: the free GPU memory; on CPU the kernel's MemAvailable (free RAM plus the page
+    cache it can reclaim: free RAM alone shrinks to little on a machine that has read large files), else free RAM."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        with open("/proc/meminfo") as meminfo:
+            return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def pick_generation_model(model, max_batch_size: int, max_length: int, kv_cache_slots: int = 1,
@@ -489,9 +577,8 @@ def pick_generation_model(model, max_batch_size: int, max_length: int, kv_cache_
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not _needs_copy(base):
         return model
-    with torch.device("meta"):
-        copy_bytes = sum(p.numel() for p in HuginnForCausalLM(base.config).parameters()) * dtype.itemsize
-    cache_bytes = kv_cache_bytes_per_token(base.config, kv_cache_slots, dtype) * max_batch_size * max_length
+    copy_bytes = model_weight_bytes(base.config, dtype)
+    cache_bytes = kv_cache_bytes(base.config, max_batch_size, max_length, kv_cache_slots, dtype)
     if free_bytes is None:
         free_bytes = free_memory_bytes(base.transformer.wte.weight.device)
     return generation_copy(model, dtype) if copy_bytes + cache_bytes <= headroom * free_bytes else model

@@ -1,6 +1,8 @@
-"""evaluate.py: the whole eval on the tiny default (offline), batch-size invariance, resume after a kill, data
-errors, compare mode with a LoRA adapter, metrics, and oracle / shuffled-solution runs on the real benchmark files
-(which test the pipeline and the grader, not a model)."""
+"""evaluate.py: the whole eval on the tiny default (offline), batch-size invariance, resume after a kill, sample keys
+(a retrained adapter or changed setting gets new samples), data errors, compare mode with a LoRA adapter, metrics,
+lm-eval's gsm8k_cot format, the memory plan (byte counts against real allocations, the published model at the
+README's settings), and oracle / shuffled-solution runs on the real benchmark files (which test the pipeline and
+the grader, not a model)."""
 
 import json
 import shutil
@@ -9,15 +11,26 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import data
 import evaluate
+import modeling_huginn_qlora
 from evaluate import EvalArguments, main, stand_in
+from generation import (
+    MEMORY_HEADROOM,
+    HuginnEngine,
+    kv_cache_bytes,
+    model_weight_bytes,
+    plan_generation_memory,
+    prefill_activation_bytes,
+)
+from modeling_huginn_qlora import HuginnConfig
 from tiny import resolve_model_path, write_tiny_datasets
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARK_DIR = REPO.parent / "shared" / "benchmarks"
+PUBLISHED_CONFIG = REPO.parent / "shared" / "reference" / "huginn-0125-config.json"
 REAL_FILES = {"gsm8k": BENCHMARK_DIR / "gsm8k_test.jsonl", "math500": BENCHMARK_DIR / "math500_test.jsonl"}
 METRICS = ("checkpoint", "benchmark", "num_steps", "n", "accuracy", "ci95_low", "ci95_high", "ungradable",
            "truncated", "mean_output_tokens", "lm_eval_strict", "lm_eval_flexible")
@@ -65,7 +78,13 @@ def test_tiny_run_writes_results_samples_and_plot(tiny_run):
     for cell in cells:
         assert cell["n"] == 6 and 0 <= cell["ci95_low"] <= cell["accuracy"] <= cell["ci95_high"] <= 1
         assert 0 < cell["mean_output_tokens"] <= 12 and cell["tokens_per_s"] > 0
-    assert "lm_eval_strict" in cells[0] and "lm_eval_strict" not in cells[2]  # GSM8K's lm-eval scores only
+    assert not any("lm_eval_strict" in cell for cell in cells)  # \boxed{} prompts: lm-eval's strict would be ~0
+    assert all(cell["batch_size"] == 8 and cell["kv_cache_slots"] is None for cell in cells)  # all fits: exact
+    plan = results["memory_plan"]
+    assert plan["budget_source"].endswith("at start") and set(plan["by_num_steps"]) == {"1", "4"}
+    assert plan["by_num_steps"]["4"]["cache_bytes"] == kv_cache_bytes(
+        AutoConfig.from_pretrained(resolve_model_path("tiny-huginn")), 8,
+        plan["longest_prompt_tokens"] + 12, 4, torch.float32)
     example = results["prompt"]["examples"]["gsm8k_test"]
     assert example.startswith("<|begin_text|><|begin_header|>system<|end_header|>\n\n" + data.SYSTEM_PROMPT)
     assert example.endswith(data.ANSWER_INSTRUCTION + "<|end_turn|><|begin_header|>Huginn<|end_header|>\n\n")
@@ -99,11 +118,39 @@ def test_resume_after_kill_gives_same_results(tiny_data, tiny_run, tmp_path):
     assert metrics(output_dir) == metrics(tiny_run)
 
 
-def test_resume_refuses_other_generation_settings(tiny_data, tiny_run, tmp_path):
+def test_changed_setting_generates_new_samples(tiny_data, tiny_run, tmp_path):
     output_dir = tmp_path / "other"
     shutil.copytree(tiny_run, output_dir)
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        main(tiny_args(tiny_data, output_dir, max_new_tokens=20))
+    main(tiny_args(tiny_data, output_dir, max_new_tokens=20))
+    samples = read_lines(output_dir / "samples.jsonl")
+    assert len(samples) == 2 * 24 and len({r["key"] for r in samples}) == 48  # the old ones kept, none reused
+    cells = json.loads((output_dir / "results.json").read_text())["results"]
+    assert max(cell["mean_output_tokens"] for cell in cells) > 12  # the results are the new samples'
+
+
+def save_lora(path: Path, seed: int) -> Path:
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny-huginn"), dtype=torch.float32)
+    torch.manual_seed(seed)
+    get_peft_model(model, LoraConfig(r=4, target_modules=["Wqkv", "fc"], init_lora_weights=False)).save_pretrained(path)
+    return path
+
+
+def test_retrained_adapter_gets_new_samples_unchanged_rerun_resumes(tiny_data, tmp_path):
+    adapter = save_lora(tmp_path / "sft", seed=0)
+    args = tiny_args(tiny_data, tmp_path / "eval", adapters=[f"sft={adapter}"], limit=3, num_steps=[2],
+                     max_new_tokens=8, benchmarks=[str(tiny_data / "gsm8k_test.jsonl")])
+    main(args)
+    samples_path = tmp_path / "eval" / "samples.jsonl"
+    first = samples_path.read_text()
+    main(args)
+    assert samples_path.read_text() == first  # unchanged adapter and settings: resumed, nothing generated
+    save_lora(adapter, seed=1)  # retrained into the same directory
+    main(args)
+    old, new = read_lines(samples_path)[:3], read_lines(samples_path)[3:]
+    assert len(new) == 3 and {r["key"] for r in old}.isdisjoint(r["key"] for r in new)
+    assert [r["completion"] for r in old] != [r["completion"] for r in new]  # generated by the retrained adapter
+    assert evaluate.adapter_fingerprint(str(adapter)) == json.loads(
+        (tmp_path / "eval" / "results.json").read_text())["checkpoint_fingerprints"]["sft"]
 
 
 @pytest.mark.parametrize("load_in_4bit", [False, True], ids=["merged", "nf4-unmerged"])
@@ -209,13 +256,125 @@ def test_adaptive_exit_reports_steps_and_threshold_zero_is_fixed_depth(tiny_data
 
 
 def test_lm_eval_gsm8k_strict_and_flexible():
-    assert evaluate.lm_eval_gsm8k("so 1,200 + 34 = 1,234\n#### 1,234", "1234") == (True, True)
+    assert evaluate.lm_eval_gsm8k("so 1,200 + 34 = 1,234\n#### 1,234", "1234") == (False, True)  # gsm8k_cot's strict
+    assert evaluate.lm_eval_gsm8k("1,200 + 34 = 1,234. The answer is 1,234.", "1234") == (True, True)
     assert evaluate.lm_eval_gsm8k("3 + 4 = 7. The answer is 7.", "7") == (True, True)
     assert evaluate.lm_eval_gsm8k("She makes $18 every day.", "18") == (False, True)
     assert evaluate.lm_eval_gsm8k("The answer is 17. No wait, 18", "18") == (False, True)
     assert evaluate.lm_eval_gsm8k("\\boxed{18}", "18") == (False, True)
     assert evaluate.lm_eval_gsm8k("The answer is 18.5 dollars", "18") == (False, False)
     assert evaluate.lm_eval_gsm8k("The answer is 18", "18") == (False, True)  # lm-eval's regex wants a char after
+
+
+def test_gsm8k_cot_format_is_lm_evals_and_reports_strict_and_flexible(tiny_data, tmp_path):
+    """A completion '... The answer is N.' is strict-correct under the paper's format; lm-eval's stop sequence 'Q:'
+    cuts what follows it (else the flexible score would take that turn's last number)."""
+    prompts = []
+
+    def answers(request):
+        prompts.append(request["prompt"])
+        return f"Some steps. The answer is {request['answer']}.\n\nQ: and 99999"
+
+    cells = main(tiny_args(tiny_data, tmp_path, prompt_format="gsm8k_cot", num_fewshot=8, num_steps=[32],
+                           benchmarks=[str(tiny_data / "gsm8k_test.jsonl"), str(tiny_data / "math_test.jsonl")]),
+                 backends={"fake": stand_in(answers)})
+    gsm8k, math_cell = cells
+    assert gsm8k["accuracy"] == gsm8k["lm_eval_strict"] == gsm8k["lm_eval_flexible"] == 1.0
+    assert "lm_eval_strict" not in math_cell  # GSM8K's scores only
+    assert prompts[0].startswith("<|begin_text|><|begin_header|>system<|end_header|>\n\n" + data.SYSTEM_PROMPT)
+    assert prompts[0].count("<|begin_header|>user<|end_header|>\n\nQ: ") == 9 and prompts[0].endswith(
+        "\nA:<|end_turn|><|begin_header|>Huginn<|end_header|>\n\n")
+    assert "There are 15 trees" in prompts[0] and "The answer is 8.<|end_turn|>" in prompts[0]
+    assert data.ANSWER_INSTRUCTION not in prompts[0] and "\\boxed" not in prompts[0]
+    assert all("99999" not in r["completion"] for r in read_lines(tmp_path / "samples.jsonl"))
+
+
+def test_versions_record_torch_build(monkeypatch):
+    """A pip CUDA wheel's metadata says '2.14.1' while torch.__version__ says '2.14.1+cu130': record the latter."""
+    monkeypatch.setattr(torch, "__version__", "2.14.1+cu130")
+    assert evaluate.versions()["torch"] == "2.14.1+cu130"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory plan
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_planned_bytes_equal_what_the_caches_and_weights_allocate(monkeypatch):
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny-huginn"), dtype=torch.float32).eval()
+    config, allocated = model.config, []
+
+    class RecordedCache(modeling_huginn_qlora.HuginnKVCache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            allocated.append(self.keys.nbytes + self.values.nbytes)
+
+    monkeypatch.setattr(modeling_huginn_qlora, "HuginnKVCache", RecordedCache)
+    batch, prompt_length, new_tokens, steps = 3, 7, 5, 4
+    for slots in (None, 1, 3):
+        model.generate(torch.ones(batch, prompt_length, dtype=torch.long), num_steps=steps, kv_cache_slots=slots,
+                       max_new_tokens=new_tokens, eos_token_id=[10_000])
+        plan = plan_generation_memory(config, 1e12, batch, prompt_length, new_tokens, steps, slots, torch.float32)
+        assert plan.cache_bytes == allocated[-1] and plan.kv_cache_slots == (slots if slots != steps else None)
+        engine = HuginnEngine(model, batch, prompt_length + new_tokens, kv_cache_slots=slots or steps)
+        engine_plan = plan_generation_memory(config, 1e12, batch, prompt_length, new_tokens, steps, slots or steps,
+                                             torch.float32, engine=True)
+        assert engine_plan.cache_bytes == engine.cache.keys.nbytes + engine.cache.values.nbytes
+    tensors = [*model.parameters(), *model.buffers()]
+    assert plan.weight_bytes == sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.fixture(scope="module")
+def published_config() -> HuginnConfig:
+    return HuginnConfig.from_json_file(PUBLISHED_CONFIG) if PUBLISHED_CONFIG.is_file() else HuginnConfig()
+
+
+def test_weight_bytes_of_the_published_model(published_config):
+    bf16 = model_weight_bytes(published_config, torch.bfloat16)
+    assert 3.56e9 < bf16 / 2 < 3.57e9  # 3.565B parameters
+    nf4 = model_weight_bytes(published_config, torch.bfloat16, load_in_4bit=True)
+    assert abs(nf4 / 2**30 - 2.26) < 0.03  # the reference implementation measured 2.26 GiB of NF4 weights
+
+
+@pytest.mark.parametrize("num_steps", [32, 64])
+def test_readme_settings_fit_24_and_80_gb(published_config, num_steps):
+    """batch 16, 512 new tokens, GSM8K prompts up to ~250 tokens, bf16: one exact cache per step at batch 16 needs
+    34 GB (32 steps) / 67 GB (64 steps) plus 7 GB of weights. The plan keeps exact caches and lowers the batch."""
+    config, length = published_config, 250 + 512
+    for memory in (24e9, 80e9):
+        plan = plan_generation_memory(config, memory, 16, 250, 512, num_steps)
+        assert plan.kv_cache_slots is None and plan.total_bytes <= MEMORY_HEADROOM * memory
+        assert plan.cache_bytes == kv_cache_bytes(config, plan.batch_size, length, num_steps)
+        assert plan.activation_bytes == prefill_activation_bytes(config, plan.batch_size, 250, torch.bfloat16)
+        one_more = kv_cache_bytes(config, plan.batch_size + 1, length, num_steps) + prefill_activation_bytes(
+            config, plan.batch_size + 1, 250, torch.bfloat16)
+        assert plan.batch_size == 16 or plan.weight_bytes + one_more > MEMORY_HEADROOM * memory  # the largest
+    assert plan_generation_memory(config, 24e9, 16, 250, 512, num_steps).batch_size < 16  # batch 16 would not fit
+    assert kv_cache_bytes(config, 16, length, num_steps) + plan.weight_bytes > 24e9
+
+
+def test_shared_slots_only_when_one_exact_row_does_not_fit(published_config):
+    plan = plan_generation_memory(published_config, 6e9, 16, 250, 512, 64, load_in_4bit=True)
+    exact_row = kv_cache_bytes(published_config, 1, 762, 64) + prefill_activation_bytes(
+        published_config, 1, 250, torch.bfloat16)
+    assert plan.weight_bytes + exact_row > MEMORY_HEADROOM * 6e9
+    assert plan.kv_cache_slots == 1 and 1 <= plan.batch_size and plan.total_bytes <= MEMORY_HEADROOM * 6e9
+    with pytest.raises(ValueError, match="batch 1"):
+        plan_generation_memory(published_config, 8e9, 16, 250, 512, 64)  # bf16 weights alone take 7.1 GB
+
+
+def test_memory_budget_lowers_the_batch_and_keeps_greedy_completions(tiny_data, tiny_run, tmp_path):
+    config = AutoConfig.from_pretrained(resolve_model_path("tiny-huginn"))
+    prompt_length = json.loads((tiny_run / "results.json").read_text())["memory_plan"]["longest_prompt_tokens"]
+    three_rows = (kv_cache_bytes(config, 3, prompt_length + 12, 4, torch.float32)
+                  + prefill_activation_bytes(config, 3, prompt_length, torch.float32))
+    budget = (model_weight_bytes(config, torch.float32) + three_rows) / MEMORY_HEADROOM
+    main(tiny_args(tiny_data, tmp_path, max_memory_gb=budget / 1e9 * 1.001))
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert {c["num_steps"]: c["batch_size"] for c in results["results"]}[4] == 3
+    assert all(c["kv_cache_slots"] is None for c in results["results"])  # exactness kept, the batch lowered
+    assert results["memory_plan"]["budget_source"] == "max_memory_gb"
+    assert completions(tmp_path) == completions(tiny_run)
 
 
 def test_wilson_interval_and_pass_at_k():
@@ -255,8 +414,7 @@ def oracle_cells(tmp_path_factory) -> dict:
 def test_oracle_gold_solutions_score_at_least_99_percent(oracle_cells, label, size):
     cell = oracle_cells["oracle", label]
     assert cell["n"] == size and cell["accuracy"] >= 0.99
-    if label == "gsm8k":  # '#### N' is lm-eval's strict format
-        assert cell["lm_eval_strict"] >= 0.99 and cell["lm_eval_flexible"] >= 0.99
+    assert "lm_eval_strict" not in cell  # reported with gsm8k_cot prompts only
 
 
 @pytest.mark.parametrize("label", ["gsm8k", "math500"])
