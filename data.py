@@ -46,12 +46,16 @@ class DataError(ValueError):
 
 
 def load_tokenizer(model_name_or_path: str, revision: str | None = None):
-    """The model's tokenizer (left padding, for generation), with Huginn's chat template whenever its own lacks the
-    `{% generation %}` markers that assistant-only losses need: SFT, GRPO and evaluation then render alike."""
+    """The model's tokenizer (left padding, for generation) with Huginn's chat template (tiny.HUGINN_CHAT_TEMPLATE),
+    whatever template the checkpoint ships: SFT, GRPO and evaluation render alike, with the `{% generation %}`
+    markers the assistant-only loss needs. Raises ValueError when a special token the template writes is missing."""
     tokenizer = AutoTokenizer.from_pretrained(tiny.resolve_model_path(model_name_or_path), revision=revision,
                                               padding_side="left")
-    if "{% generation %}" not in (tokenizer.chat_template or ""):
-        logger.warning("the tokenizer's chat template has no {% generation %} markers: using Huginn's template")
+    missing = [token for token in tiny.SPECIAL_TOKENS if token not in tokenizer.get_vocab()]
+    if missing:
+        raise ValueError(f"{model_name_or_path}: the tokenizer lacks Huginn's special tokens {missing}")
+    if tokenizer.chat_template != tiny.HUGINN_CHAT_TEMPLATE:
+        logger.info(f"{model_name_or_path}: using Huginn's chat template instead of the tokenizer's own")
         tokenizer.chat_template = tiny.HUGINN_CHAT_TEMPLATE
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tiny.PAD
@@ -212,7 +216,8 @@ def sft_messages(row: dict, system_prompt: str | None = SYSTEM_PROMPT) -> list[d
 
 def tokenize_sft_row(row: dict, tokenizer, system_prompt: str | None = SYSTEM_PROMPT) -> dict:
     """input_ids of the rendered chat; labels equal them on the assistant's tokens (its end-of-turn included, so the
-    model learns to stop) and are -100 elsewhere. The chat template must mark the assistant turn with
+    model learns to stop) and are -100 elsewhere, the closing <|end_text|> included: the model stops at
+    <|end_turn|> and never has to predict what follows it. The chat template marks the assistant turn with
     `{% generation %}`."""
     encoded = tokenizer.apply_chat_template(sft_messages(row, system_prompt), tokenize=True, return_dict=True,
                                             return_assistant_tokens_mask=True)
@@ -270,3 +275,13 @@ def build_sft_dataset(sources: list[str], tokenizer, max_length: int, **options)
     if len(dataset) == 0:
         raise DataError(f"{sources}: no usable SFT example (see the counts above)")
     return dataset, {source: counts for source, (_, counts) in built.items()}
+
+
+def stop_token_ids(generation_config, tokenizer) -> list[int]:
+    """The ids generation stops on: the generation config's eos ids plus <|end_text|> and <|end_turn|>. A chat turn
+    ends at <|end_turn|> whatever a checkpoint's generation config lists (the published one lists only
+    <|end_text|>; the authors' own decode loop stops on both)."""
+    eos = generation_config.eos_token_id
+    listed = eos if isinstance(eos, list) else [eos]
+    ends = tokenizer.convert_tokens_to_ids(["<|end_text|>", "<|end_turn|>"])
+    return sorted({*listed, *ends} - {None, tokenizer.unk_token_id})

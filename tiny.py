@@ -29,18 +29,22 @@ BOS, EOS, BEGIN_HEADER, END_HEADER, END_TURN, PAD = (
     "<|begin_text|>", "<|end_text|>", "<|begin_header|>", "<|end_header|>", "<|end_turn|>", "<|pad|>")
 SPECIAL_TOKENS = [BOS, EOS, BEGIN_HEADER, END_HEADER, END_TURN, PAD]
 
-# Huginn's chat format. The assistant role is rendered as "Huginn"; `{% generation %}` marks the tokens an
-# assistant-only loss trains on (TRL's `assistant_only_loss`). Contents are stripped, as the authors do.
+# Huginn's chat format, as the authors' checkpoint converter writes it: the first message opens with <|begin_text|>;
+# each message is <|begin_header|>{role}<|end_header|>\n\n{content, stripped}<|end_turn|>, the assistant's role
+# rendered as "Huginn"; the assistant's content and <|end_turn|> sit in `{% generation %}` (the tokens an
+# assistant-only loss trains on); then either the generation prompt or, closing a finished conversation,
+# <|end_text|> (outside the generation block: not trained on). Literal tokens, not `bos_token`, so the rendering does
+# not depend on how a checkpoint's tokenizer names its special tokens.
 HUGINN_CHAT_TEMPLATE = (
-    "{{ bos_token }}"
     "{% for message in messages %}"
-    "{% set role = 'Huginn' if message['role'] == 'assistant' else message['role'] %}"
-    "{{ '<|begin_header|>' + role + '<|end_header|>\n\n' }}"
-    "{% if message['role'] == 'assistant' %}"
-    "{% generation %}{{ message['content'] | trim + '<|end_turn|>' }}{% endgeneration %}"
+    "{% if loop.first %}{{ '<|begin_text|>' }}{% endif %}"
+    "{% set is_huginn = message['role'] in ('assistant', 'Huginn') %}"
+    "{{ '<|begin_header|>' + ('Huginn' if is_huginn else message['role']) + '<|end_header|>\n\n' }}"
+    "{% if is_huginn %}{% generation %}{{ message['content'] | trim + '<|end_turn|>' }}{% endgeneration %}"
     "{% else %}{{ message['content'] | trim + '<|end_turn|>' }}{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|begin_header|>Huginn<|end_header|>\n\n' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ '<|begin_header|>Huginn<|end_header|>\n\n' }}"
+    "{% else %}{{ '<|end_text|>' }}{% endif %}"
 )
 
 
@@ -72,13 +76,16 @@ def word_merges(words: list[str], alphabet: list[str]) -> list[tuple[str, str]]:
     return merges
 
 
-def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+def build_tiny_tokenizer(first_special_id: int | None = None) -> PreTrainedTokenizerFast:
     """Byte-level tokenizer (any text encodes; digits stay separate) with merges for WORDS, plus Huginn's special
-    tokens and chat template. Deterministic: no training."""
+    tokens and chat template. Deterministic: no training. `first_special_id` (65504 for huginn-0125's ids) pads the
+    vocabulary with unreachable filler entries so the special tokens get the real model's ids."""
     alphabet = _byte_alphabet()
     merges = word_merges(WORDS, alphabet)
     vocab = {char: idx for idx, char in enumerate(alphabet)}
     vocab.update({left + right: len(alphabet) + idx for idx, (left, right) in enumerate(merges)})
+    if first_special_id is not None:  # no merge builds "<filler_N>", so these ids never appear in an encoding
+        vocab.update({f"<filler_{idx}>": idx for idx in range(len(vocab), first_special_id)})
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tokenizer.decoder = decoders.ByteLevel()

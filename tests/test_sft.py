@@ -79,7 +79,8 @@ def test_example_trains_on_the_answer_after_the_prompt_evaluation_asks(tokenizer
     assert example["input_ids"][:len(prompt)] == prompt
     assert set(example["labels"][:len(prompt)]) == {-100}
     answer = [token for token in example["labels"] if token != -100]
-    assert answer == example["input_ids"][len(prompt):]
+    assert answer == example["input_ids"][len(prompt):-1]  # the closing <|end_text|> is not trained on
+    assert example["input_ids"][-1] == tokenizer.eos_token_id
     assert tokenizer.decode(answer) == "2 + 3 = 5\nThe final answer is \\boxed{5}.<|end_turn|>"
 
 
