@@ -108,6 +108,17 @@ def nf4_quantization_config(compute_dtype: torch.dtype = torch.bfloat16) -> Bits
     )
 
 
+def use_plain_nf4_cpu_path(model: nn.Module) -> None:
+    """bitsandbytes (0.50) repacks an NF4 weight in place for its AVX512-BF16 CPU kernel at the first eval-mode
+    forward without grad. On such CPUs that breaks two ways: the repacking fails when in_features is not a multiple
+    of the 64-weight block (huginn-0125's 5280-wide Wqkv, attn.proj and mlp.fc: "shape '[15840, 82]' is invalid"),
+    and a repacked layer passes no gradient to its input (that kernel has no backward), so training after an
+    evaluation would silently lose gradients. Every 4-bit layer keeps the dequantize-and-matmul path training uses."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # bitsandbytes' Linear4bit
+            module.support_avx512bf16_for_cpu = False
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Building blocks
 # ---------------------------------------------------------------------------------------------------------------
@@ -181,6 +192,19 @@ class HuginnKVCache:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
+
+    def repeat_rows(self, times: int) -> None:
+        """Every row `times` times in a row (like repeat_interleave): samples of one prompt share its prefill."""
+        self.keys = self.keys.repeat_interleave(times, dim=1)
+        self.values = self.values.repeat_interleave(times, dim=1)
+
+    def keep_rows(self, index: torch.Tensor) -> None:
+        """Keep only the batch rows `index` (ascending), moved to the front one layer at a time, so dropping finished
+        rows never holds a second cache in memory; later passes see the smaller batch."""
+        for cache in (self.keys, self.values):
+            for layer in range(cache.shape[0]):
+                cache[layer, :len(index), :, :self.length] = cache[layer, index, :, :self.length]
+        self.keys, self.values = self.keys[:, :len(index)], self.values[:, :len(index)]
 
     def nbytes_per_token(self) -> int:
         per_layer_token = self.keys.shape[2] * self.keys.shape[4] * self.keys.element_size() * 2  # keys + values
@@ -334,6 +358,14 @@ class HuginnPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["HuginnBlock"]
     _supports_sdpa = True
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`; 4-bit layers then keep bitsandbytes' plain CPU path
+        (`use_plain_nf4_cpu_path`)."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        use_plain_nf4_cpu_path(loaded[0] if isinstance(loaded, tuple) else loaded)  # (model, info) when asked
+        return loaded
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -603,15 +635,17 @@ class HuginnForCausalLM(HuginnPreTrainedModel, GenerationMixin):
         init_state: str = "random",
         state_seeds: torch.LongTensor | None = None,
         generator: torch.Generator | None = None,
+        num_return_sequences: int = 1,
         **kwargs,
     ) -> "torch.LongTensor | HuginnGenerateOutput":
         """Cached, batched decoding of (left-)padded prompts; returns (batch, prompt + new) token ids, rows padded
         with pad_token_id after their end (with `return_dict_in_generate=True`: also each new token's
-        log-probability under the untempered model). Greedy unless `do_sample`; `temperature`, `top_k`, `top_p`,
+        log-probability at the sampling temperature). Greedy unless `do_sample`; `temperature`, `top_k`, `top_p`,
         `max_new_tokens` and `eos_token_id` (an int or a list: generation stops on any) come from
         `generation_config` or kwargs. `num_steps` recurrent steps per token (default: `recurrence_defaults`, else
         `mean_recurrence`; never sampled); `kv_cache_slots` k < num_steps (an argument or a generation-config
-        attribute) shares core cache slots across steps (slot = step mod k)."""
+        attribute) shares core cache slots across steps (slot = step mod k). `num_return_sequences` n: n rows per
+        prompt, consecutive, from one prefill of the prompt (its initial state and cache copied)."""
         config = _merge_generation_config(generation_config or self.generation_config, kwargs)
         kv_cache_slots = kv_cache_slots or getattr(config, "kv_cache_slots", None)  # e.g. from TRL generation_kwargs
         if num_steps is None:
@@ -623,37 +657,54 @@ class HuginnForCausalLM(HuginnPreTrainedModel, GenerationMixin):
         eos_ids = torch.tensor(_as_list(config.eos_token_id), device=input_ids.device)
         pad_id = config.pad_token_id if config.pad_token_id is not None else int(eos_ids[0])
         warpers = sampling_warpers(config.temperature, config.top_k, config.top_p)
+        temperature = config.temperature if config.do_sample and config.temperature else 1.0
         cache = HuginnKVCache(self.config, batch, prompt_len + config.max_new_tokens,
                               min(kv_cache_slots or sum(steps), sum(steps)), self.transformer.wte.weight.dtype,
                               input_ids.device)
         step_kwargs = dict(past_key_values=cache, use_cache=True, num_steps=steps, init_state=init_state,
                            state_seeds=state_seeds, logits_to_keep=1)
         logits = self(input_ids, attention_mask=attention_mask, **step_kwargs).logits[:, -1]
-        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-        new_tokens, logprobs = [], []
-        for _ in range(config.max_new_tokens):
+        if num_return_sequences > 1:
+            cache.repeat_rows(num_return_sequences)
+            input_ids, attention_mask, logits = (t.repeat_interleave(num_return_sequences, dim=0)
+                                                 for t in (input_ids, attention_mask, logits))
+            if state_seeds is not None:
+                step_kwargs["state_seeds"] = state_seeds.repeat_interleave(num_return_sequences)
+            batch *= num_return_sequences
+        new_tokens = input_ids.new_full((batch, config.max_new_tokens), pad_id)
+        logprobs = torch.zeros(batch, config.max_new_tokens, device=input_ids.device)
+        rows = torch.arange(batch, device=input_ids.device)  # rows still decoding, in the order the cache holds them
+        for position in range(config.max_new_tokens):
             if config.do_sample:
                 probs = warpers(None, logits).softmax(-1)
                 token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
             else:
                 token = logits.argmax(-1)
-            token = token.masked_fill(finished, pad_id)
-            new_tokens.append(token)
-            logprobs.append(logits.log_softmax(-1).gather(1, token[:, None]).squeeze(1))
-            finished |= torch.isin(token, eos_ids)
-            if bool(finished.all()) or len(new_tokens) == config.max_new_tokens:
+            new_tokens[rows, position] = token
+            # scored at the sampling temperature, as TRL scores tokens in the loss (top-k/top-p left out, as there)
+            logprobs[rows, position] = (logits / temperature).log_softmax(-1).gather(1, token[:, None]).squeeze(1)
+            running = ~torch.isin(token, eos_ids)
+            if not bool(running.any()) or position + 1 == config.max_new_tokens:
                 break
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
+            if not bool(running.all()):  # finished rows leave the batch: decoding them further is wasted compute
+                keep = running.nonzero().squeeze(1)
+                cache.keep_rows(keep)
+                rows, token, attention_mask = rows[keep], token[keep], attention_mask[keep]
+                if step_kwargs["state_seeds"] is not None:
+                    step_kwargs["state_seeds"] = step_kwargs["state_seeds"][keep]
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
             logits = self(token[:, None], attention_mask=attention_mask, **step_kwargs).logits[:, -1]
-        sequences = torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
+        new_tokens, logprobs = new_tokens[:, :position + 1], logprobs[:, :position + 1]
+        sequences = torch.cat([input_ids, new_tokens], dim=1)
         if config.return_dict_in_generate:
-            return HuginnGenerateOutput(sequences=sequences, logprobs=torch.stack(logprobs, dim=1))
+            return HuginnGenerateOutput(sequences=sequences, logprobs=logprobs)
         return sequences
 
 
 @dataclass
 class HuginnGenerateOutput(ModelOutput):
-    """`sequences` (batch, prompt + new); `logprobs` (batch, new): log p(token) under the untempered model."""
+    """`sequences` (batch, prompt + new); `logprobs` (batch, new): log p(token) at the sampling temperature (1 when
+    greedy), before top-k / top-p."""
 
     sequences: torch.LongTensor | None = None
     logprobs: torch.Tensor | None = None

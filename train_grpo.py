@@ -14,7 +14,13 @@ How this departs from GRPO as published (DeepSeekMath, then DeepSeek-R1-Zero):
 - The initial latent state is random as in pretraining but seeded (`state_seed`): a token's initial state is a
   function of the seed and its position, identical in the rollout and in the loss, so the importance ratio is
   exactly 1 before the first update. Exploration comes from sampling, not from the state noise.
-- The KL reference is the base model with the LoRA adapter disabled: no second copy in memory.
+- The KL reference (`beta > 0`): from `--sft_adapter`, the SFT policy (TRL keeps a frozen copy of the adapter, a
+  few MB, as its "ref" adapter); from a fresh LoRA, the base model with the adapter disabled.
+- Rollouts return their own per-token log-probs. Where they only approximate the trained forward (shared KV slots,
+  `generation_kwargs: {kv_cache_slots: k}`), each token's loss is weighted by p_trained / p_sampler, capped (TRL's
+  truncated importance sampling, its `vllm_importance_sampling_*` knobs); the mismatch is logged (sampling/kl).
+- The policy has no dropout: rollouts sample, and the loss scores, one deterministic policy (an SFT adapter's
+  `lora_dropout` is switched off). Trainable weights stay fp32 under an NF4 base (TRL would cast them to bf16).
 - Loss and advantage defaults are TRL's (`loss_type: dapo`-style token-level normalisation, group-scaled
   rewards); `beta: 0.0` by default as in DAPO / Dr. GRPO, set it > 0 for the KL term.
 - Rewards: math-verify correctness (1/0) plus a small format reward; a reward function that raises or times out
@@ -29,8 +35,11 @@ from dataclasses import dataclass, field
 import torch
 from datasets import Dataset
 from peft import PeftModel
+from peft.utils.other import _set_trainable
 from transformers import set_seed
 from trl import GRPOConfig, GRPOTrainer, ModelConfig
+from trl.models import unwrap_model_for_generation
+from trl.trainer.utils import pad
 
 import data
 import rewards
@@ -46,6 +55,9 @@ from training import (
 )
 
 logger = logging.getLogger(__name__)
+# The RMSNorm in front of the tied LM head: its gain alone sets the logits' scale, which LoRA cannot change (the
+# norm undoes any growth of the hidden state), so sharpening the sampling distribution needs it trained.
+FINAL_NORM = "ln_f"
 REWARD_FAILURES: dict[str, int] = {}  # reward function name -> completions scored 0 because it raised
 
 
@@ -67,16 +79,45 @@ class ScriptArguments(SafetyArguments):
         metadata={"help": "from correctness, format, length_penalty; weights: reward_weights"})
     length_penalty_margin: int = field(
         default=64, metadata={"help": "length_penalty falls from 0 to -1 over the last this many tokens"})
+    final_norm_learning_rate: float = field(
+        default=0.0, metadata={"help": "> 0: also train the final RMSNorm's gain (transformer.ln_f, saved with the "
+                                       "adapter) at this rate: the one weight that sets the logits' scale"})
 
 
 class HuginnGRPOTrainer(SafeTrainerMixin, GRPOTrainer):
-    """GRPOTrainer with Huginn's recurrence fixed per generation round (depth and initial-state seed), the
-    interruption safety of training.py, and the rollout/train time split logged."""
+    """GRPOTrainer with Huginn's recurrence fixed per generation round (depth and initial-state seed), rollouts that
+    return their own per-token log-probabilities for TRL's sampler-mismatch correction, a policy without dropout,
+    the interruption safety of training.py, and the rollout/train time split logged."""
 
-    def __init__(self, *args, rollout_num_steps: list[int], backprop_steps: int, state_seed: int, **kwargs):
+    def __init__(self, *args, rollout_num_steps: list[int], backprop_steps: int, state_seed: int,
+                 final_norm_learning_rate: float = 0.0, **kwargs):
+        self.final_norm_learning_rate = final_norm_learning_rate
         super().__init__(*args, **kwargs)
         self.rollout_num_steps, self.backprop_steps, self.state_seed = rollout_num_steps, backprop_steps, state_seed
         self.rollout_seconds, self.loss_tokens = 0.0, 0  # of the current training step, for the time split
+        if self.args.use_vllm:
+            raise ValueError("use_vllm: vLLM has no Huginn model; rollouts decode with the model itself")
+        # TRL corrects for a sampler that differs from the trained forward (truncated importance sampling over the
+        # sampler's own log-probs, and its mismatch metrics) only on its vLLM path, which it recognises by
+        # `use_vllm`. Our rollouts are such a sampler (shared KV slots approximate the exact forward) and
+        # `_generate_single_turn` below replaces the one vLLM call, so the correction is TRL's own code.
+        self.use_vllm = True
+        disable_lora_dropout(self.model)  # after TRL made its "ref" adapter, a copy of the SFT adapter's config
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer, with the final norm's gain (when trained) in a group of its own rate: one gain
+        per channel near 1 needs a far larger step than LoRA's entries to move the logits' scale."""
+        optimizer = super().create_optimizer(model)
+        norm_rate = self.final_norm_learning_rate
+        norm = [p for name, p in self.model.named_parameters() if p.requires_grad and f".{FINAL_NORM}." in name]
+        if norm_rate > 0 and norm:
+            ids = {id(p) for p in norm}
+            for group in optimizer.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) not in ids]
+            optimizer.param_groups = [group for group in optimizer.param_groups if group["params"]]
+            optimizer.add_param_group({**optimizer.param_groups[0], "params": norm, "lr": norm_rate,
+                                       "initial_lr": norm_rate, "weight_decay": 0.0})
+        return optimizer
 
     def round_depth(self) -> int:
         """A pure function of seed and step, so a resumed run draws the depths an uninterrupted run would."""
@@ -87,6 +128,27 @@ class HuginnGRPOTrainer(SafeTrainerMixin, GRPOTrainer):
         log-probabilities alike); gradient through the last `backprop_steps` steps."""
         with_grad = min(self.backprop_steps, depth)
         return huginn_backbone(self.model).recurrence_defaults((depth - with_grad, with_grad), self.state_seed)
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        """Completions (cut after their first stop token) and each token's log-probability under the sampling
+        distribution, from the model's cached decode at the round's depth and initial state. TRL repeats each prompt
+        `num_generations` times in a row: each is prefilled once."""
+        samples = num_generations if all(ids == prompt_ids[i - i % num_generations]
+                                          for i, ids in enumerate(prompt_ids)) else 1
+        rows = [torch.tensor(ids) for ids in prompt_ids[::samples]]
+        device = self.accelerator.device
+        inputs = {"input_ids": pad(rows, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device),
+                  "attention_mask": pad([torch.ones_like(row) for row in rows], padding_side="left").to(device)}
+        with unwrap_model_for_generation(
+                self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs) as model, torch.no_grad():
+            rollout = model.generate(**inputs, generation_config=self.generation_config, num_return_sequences=samples,
+                                     return_dict_in_generate=True)
+        completions = rollout.sequences[:, inputs["input_ids"].shape[1]:].tolist()
+        logprobs = rollout.logprobs.tolist()
+        stops = set(self.eos_token_ids)
+        lengths = [next((i + 1 for i, token in enumerate(row) if token in stops), len(row)) for row in completions]
+        return ([row[:n] for row, n in zip(completions, lengths)], [row[:n] for row, n in zip(logprobs, lengths)])
 
     def _generate_and_score_completions(self, inputs):
         depth, start = self.round_depth(), time.perf_counter()
@@ -99,6 +161,8 @@ class HuginnGRPOTrainer(SafeTrainerMixin, GRPOTrainer):
         self._metrics[mode]["rollout/seconds"].append(seconds)
         self._metrics[mode]["rollout/tokens_per_second"].append(completion_tokens / seconds)
         self._metrics[mode]["rollout/num_steps"].append(depth)
+        if "old_per_token_logps" in output:  # the sampler-mismatch correction ran
+            self._metrics[mode]["sampling/kl"].append(self.accelerator.gather(sampler_kl(output)).mean().item())
         # travels with the rows through TRL's shuffling and splitting into micro-batches
         output["rollout_num_steps"] = torch.full((len(output["prompt_ids"]),), depth)
         return output
@@ -116,6 +180,23 @@ class HuginnGRPOTrainer(SafeTrainerMixin, GRPOTrainer):
         self._metrics["train"]["train/seconds"].append(seconds)
         self._metrics["train"]["train/tokens_per_second"].append(self.loss_tokens / seconds)
         return loss
+
+
+def sampler_kl(output: dict) -> torch.Tensor:
+    """KL(sampler || trained forward) per completion token, estimated from the sampled tokens (k3 estimator:
+    r - 1 - log r with r = p_trained / p_sampler, unbiased and never negative)."""
+    log_ratio = output["old_per_token_logps"] - output["sampling_per_token_logps"]
+    mask = output["completion_mask"].bool()
+    return (log_ratio.exp() - 1 - log_ratio)[mask].mean()
+
+
+def disable_lora_dropout(model) -> None:
+    """Rollouts must sample the policy that the loss scores: LoRA dropout (an SFT adapter may carry 0.05) would make
+    every rollout and every loss forward a different random sub-policy, so GRPO runs without it."""
+    for module in model.modules():
+        if isinstance(getattr(module, "lora_dropout", None), torch.nn.ModuleDict):
+            for name in module.lora_dropout:
+                module.lora_dropout[name] = torch.nn.Identity()
 
 
 def fail_safe(reward_func):
@@ -175,11 +256,18 @@ def build_prompt_dataset(script_args: ScriptArguments) -> Dataset:
     return Dataset.from_list(rows)
 
 
-def load_policy(script_args: ScriptArguments, model_args: ModelConfig, training_args: GRPOConfig):
-    """The NF4 (or full-precision) base with a trainable LoRA: the SFT adapter when given, else a new one."""
+def load_policy(script_args: ScriptArguments, model_args: ModelConfig, training_args: GRPOConfig, tokenizer):
+    """The NF4 (or full-precision) base with a trainable LoRA: the SFT adapter when given, else a new one; with
+    `final_norm_learning_rate`, the final norm's gain trainable too (a PEFT module to save)."""
     model = load_model(model_args, training_args)
+    # A chat turn ends at <|end_turn|>, text at <|end_text|>: rollouts stop at both, whatever the checkpoint's
+    # generation config lists (the published one lists only <|end_text|>). TRL reads its stop tokens from here.
+    model.generation_config.eos_token_id = data.stop_token_ids(model.generation_config, tokenizer)
+    trained_norm = [FINAL_NORM] if script_args.final_norm_learning_rate > 0 else []
     if script_args.sft_adapter is None:
-        return model, lora_config(model_args)
+        config = lora_config(model_args)
+        config.modules_to_save = [*(config.modules_to_save or []), *trained_norm]
+        return model, config
     model = PeftModel.from_pretrained(model, script_args.sft_adapter, is_trainable=True)
     # Modules SFT trained in full (modules_to_save, e.g. the tiny default's embeddings) stay frozen: Adam moves
     # every coordinate by ~lr per step whatever its gradient's size, so the noisy policy gradient would random-walk
@@ -187,27 +275,42 @@ def load_policy(script_args: ScriptArguments, model_args: ModelConfig, training_
     for name, parameter in model.named_parameters():
         if "modules_to_save" in name:
             parameter.requires_grad_(False)
+    if trained_norm:  # a module to save that the SFT adapter lacks: PEFT's own wrapper, listed so it is saved
+        config = model.peft_config["default"]
+        config.modules_to_save = [*(config.modules_to_save or []), *trained_norm]
+        _set_trainable(model, "default", module_names=trained_norm, inference_mode=False)
     return model, None
 
 
-def main(script_args: ScriptArguments, training_args: GRPOConfig, model_args: ModelConfig) -> HuginnGRPOTrainer:
-    set_seed(training_args.seed)
-    setup_logging(training_args)
-    logger.info(f"seed {training_args.seed}\n{script_args}\n{model_args}\n{training_args}")
-
+def build_trainer(script_args: ScriptArguments, training_args: GRPOConfig, model_args: ModelConfig,
+                  reward_funcs: list | None = None) -> HuginnGRPOTrainer:
+    """Tokenizer, prompts, policy and rewards (`script_args.reward_funcs` unless `reward_funcs` are given) in a
+    trainer, ready to train."""
     tokenizer = data.load_tokenizer(model_args.model_name_or_path, model_args.model_revision)
     with training_args.main_process_first(desc="GRPO prompts"):
         train_dataset = build_prompt_dataset(script_args)
-    model, peft_config = load_policy(script_args, model_args, training_args)
-    reward_funcs = build_reward_funcs(script_args.reward_funcs, training_args.max_completion_length,
-                                      script_args.length_penalty_margin)
-    trainer = HuginnGRPOTrainer(
+    model, peft_config = load_policy(script_args, model_args, training_args, tokenizer)
+    if model_args.lora_dropout:
+        logger.warning(f"lora_dropout {model_args.lora_dropout} ignored: GRPO samples and scores the policy without "
+                       "dropout")
+    if reward_funcs is None:
+        reward_funcs = build_reward_funcs(script_args.reward_funcs, training_args.max_completion_length,
+                                          script_args.length_penalty_margin)
+    return HuginnGRPOTrainer(
         model=model, args=training_args, train_dataset=train_dataset, processing_class=tokenizer,
         reward_funcs=reward_funcs, peft_config=peft_config, rollout_num_steps=script_args.rollout_num_steps,
         backprop_steps=script_args.backprop_steps, state_seed=script_args.state_seed,
+        final_norm_learning_rate=script_args.final_norm_learning_rate,
         max_consecutive_nonfinite=script_args.max_consecutive_nonfinite,
     )
-    return train_and_save(trainer)
+
+
+def main(script_args: ScriptArguments, training_args: GRPOConfig, model_args: ModelConfig,
+         reward_funcs: list | None = None) -> HuginnGRPOTrainer:
+    set_seed(training_args.seed)
+    setup_logging(training_args)
+    logger.info(f"seed {training_args.seed}\n{script_args}\n{model_args}\n{training_args}")
+    return train_and_save(build_trainer(script_args, training_args, model_args, reward_funcs))
 
 
 if __name__ == "__main__":

@@ -85,6 +85,16 @@ def lora_config(model_args: ModelConfig) -> LoraConfig | None:
     return config
 
 
+def keep_trainable_weights_fp32(model: torch.nn.Module) -> None:
+    """TRL's SFT and GRPO trainers cast every trainable weight of a quantized model to bf16 (the QLoRA paper's
+    advice). LoRA entries of ~1e-2 have a bf16 spacing of ~6e-5, so Adam's updates at RL learning rates (1e-5 and
+    below) round to nothing. The trainable weights, and so Adam's moments, go back to fp32; PEFT casts activations to
+    the LoRA weights' dtype and the result back, so the frozen base still computes in its own dtype."""
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()
+
+
 def huginn_backbone(model: PreTrainedModel | PeftModel) -> HuginnModel:
     """The HuginnModel inside a HuginnForCausalLM, PEFT-wrapped or not: it owns the depth sampler and records the
     depth of its last forward."""
@@ -178,6 +188,8 @@ class SafeTrainerMixin:
         self.depths: list[tuple[int, int]] = []  # (no_grad, with_grad) of each forward since the last log
         self.staging = False
         self.add_callback(_StepGuardCallback(self))
+        keep_trainable_weights_fp32(self.model)
+
 
     def train(self, *args, **kwargs):
         previous_handler = signal.signal(signal.SIGTERM, self._request_stop)

@@ -1,14 +1,19 @@
-"""train_grpo.py on the tiny default: rollout/loss consistency (ratio 1), reward fail-safety, prompt screening,
+"""train_grpo.py on the tiny default: rollout/loss consistency (ratio 1, sampler-mismatch weights), the policy's
+fidelity at full size (fp32 LoRA weights under NF4, no dropout, stop tokens), reward fail-safety, prompt screening,
 exact resume."""
 
 import json
+import shutil
 
 import pytest
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, GenerationConfig
 
 import data
+import tiny
 import train_grpo
-from training import parse_args
+from training import HUGINN_LORA_TARGETS, parse_args
 
 
 def grpo_args(tmp_path, *overrides):
@@ -18,21 +23,122 @@ def grpo_args(tmp_path, *overrides):
         "--report_to", "none", *overrides])
 
 
-def build_trainer(script_args, training_args, model_args):
-    model, peft_config = train_grpo.load_policy(script_args, model_args, training_args)
-    return train_grpo.HuginnGRPOTrainer(
-        model=model, args=training_args, train_dataset=train_grpo.build_prompt_dataset(script_args),
-        processing_class=data.load_tokenizer(model_args.model_name_or_path), peft_config=peft_config,
-        reward_funcs=train_grpo.build_reward_funcs(script_args.reward_funcs, 8, 4),
-        rollout_num_steps=script_args.rollout_num_steps, backprop_steps=script_args.backprop_steps,
-        state_seed=script_args.state_seed)
+@pytest.fixture(scope="module")
+def sft_adapter(tmp_path_factory):
+    """An adapter as train_sft.py leaves it with configs/sft_*.yaml: LoRA dropout 0.05, and weights far from zero
+    (random B), so that dropout, if it stayed on, would change every forward."""
+    model = AutoModelForCausalLM.from_pretrained(tiny.resolve_model_path("tiny-huginn"))
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=HUGINN_LORA_TARGETS,
+                        init_lora_weights=False)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("sft-adapter")
+    get_peft_model(model, config).save_pretrained(path)
+    return str(path)
+
+
+def generation_round(trainer, num_prompts: int = 4) -> dict:
+    """One rollout round as the training loop runs it (model in training mode, each prompt num_generations times)."""
+    rows = [trainer.train_dataset[i] for i in range(num_prompts) for _ in range(trainer.num_generations)]
+    trainer.model.train()
+    return trainer._generate_and_score_completions(rows)
+
+
+def test_exact_rollouts_from_a_dropout_adapter_have_sampler_weights_1(tmp_path, sft_adapter):
+    """Rollouts in exact mode sample the very policy the loss scores: TRL's sampler-mismatch weights
+    exp(logp_trained - logp_sampler) are 1, even from an SFT adapter saved with LoRA dropout 0.05 (GRPO turns it off)."""
+    trainer = train_grpo.build_trainer(*grpo_args(tmp_path, "--sft_adapter", sft_adapter, "--rollout_num_steps", "6",
+                                       "--vllm_importance_sampling_correction", "true"))
+    output = generation_round(trainer)
+    mask = output["completion_mask"].bool()
+    weights = output["importance_sampling_ratio"][mask]
+    assert (weights - 1).abs().max() <= 1e-5
+    assert trainer._metrics["train"]["sampling/kl"][-1] <= 1e-9
+    lora_dropouts = [m for m in trainer.model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert lora_dropouts == []  # the check above could fail: with dropout on, rollout and loss differ
+
+
+def test_kl_reference_from_an_sft_adapter_is_a_frozen_copy_of_it(tmp_path, sft_adapter):
+    """beta > 0 from --sft_adapter: the KL is to the SFT policy (TRL's "ref" adapter, a copy), not to the base."""
+    trainer = train_grpo.build_trainer(*grpo_args(tmp_path, "--sft_adapter", sft_adapter, "--beta", "0.04"))
+    parameters = dict(trainer.model.named_parameters())
+    copies = {name: name.replace(".default.", ".ref.") for name in parameters if ".lora_A.default." in name}
+    assert copies and all(torch.equal(parameters[name], parameters[ref]) for name, ref in copies.items())
+    assert not any(parameters[ref].requires_grad for ref in copies.values())
+
+
+def test_shared_slot_rollouts_get_capped_sampler_weights(tmp_path):
+    """kv_cache_slots 1 (the 24 GB config) makes rollout log-probs differ from the loss's exact forward: the weights
+    that correct it differ from 1, are capped at vllm_importance_sampling_clip_max, and the mismatch is logged."""
+    trainer = train_grpo.build_trainer(*grpo_args(tmp_path, "--rollout_num_steps", "6", "--generation_kwargs",
+                                       '{"kv_cache_slots": 1}', "--vllm_importance_sampling_correction", "true",
+                                       "--vllm_importance_sampling_mode", "token_truncate",
+                                       "--vllm_importance_sampling_clip_max", "1.01"))
+    output = generation_round(trainer)
+    weights = output["importance_sampling_ratio"][output["completion_mask"].bool()]
+    assert (weights - 1).abs().max() > 1e-3
+    assert weights.max() <= 1.01
+    assert trainer._metrics["train"]["sampling/kl"][-1] > 0
+    assert trainer._metrics["train"]["sampling/sampling_logp_difference/mean"][-1] > 0
+
+
+def test_lora_weights_stay_fp32_and_learn_at_rl_rates_under_nf4(tmp_path, sft_adapter):
+    """TRL casts a quantized model's trainable weights to bf16, where an Adam step of 1e-6 on entries of ~1e-2
+    rounds to nothing. They stay fp32, and one step at lr 1e-6 moves every LoRA weight that got a gradient."""
+    def length_reward(completions, **kwargs):  # varies within groups, so advantages are not all 0
+        return [float(len(c[0]["content"])) for c in completions]
+
+    args = grpo_args(tmp_path, "--sft_adapter", sft_adapter, "--load_in_4bit", "true", "--learning_rate", "1e-6",
+                     "--max_steps", "1", "--rollout_num_steps", "2", "--warmup_steps", "0", "--save_strategy", "no",
+                     "--reward_weights", "1.0")
+    trainer = train_grpo.build_trainer(*args, reward_funcs=[length_reward])
+    lora = {name: p for name, p in trainer.model.named_parameters() if p.requires_grad}
+    assert lora and all(p.dtype == torch.float32 for p in lora.values())
+    before = {name: p.detach().clone() for name, p in lora.items()}
+    gradients = {}
+    for name, p in lora.items():
+        p.register_hook(lambda grad, name=name: gradients.__setitem__(name, gradients.get(name, 0) + grad.abs().sum()))
+    trainer.train()
+    moved = [name for name in gradients if gradients[name] > 0]
+    assert len(moved) >= len(lora) // 2
+    assert all(not torch.equal(lora[name].detach(), before[name]) for name in moved)
+
+
+def test_final_norm_gain_trains_at_its_own_rate_and_is_saved_with_the_adapter(tmp_path, sft_adapter):
+    """final_norm_learning_rate: the final RMSNorm's gain is trained in an optimizer group of that rate (the SFT
+    adapter's other weights keep the LoRA rate) and saved with the adapter, so evaluation loads what GRPO learnt."""
+    def length_reward(completions, **kwargs):
+        return [float(len(c[0]["content"])) for c in completions]
+
+    script_args, training_args, model_args = grpo_args(
+        tmp_path, "--sft_adapter", sft_adapter, "--final_norm_learning_rate", "0.05", "--max_steps", "2",
+        "--rollout_num_steps", "2", "--warmup_steps", "0", "--save_strategy", "no", "--reward_weights", "1.0")
+    trainer = train_grpo.main(script_args, training_args, model_args, reward_funcs=[length_reward])
+    norm_groups = [g for g in trainer.optimizer.param_groups if g["lr"] == 0.05]
+    assert len(norm_groups) == 1 and [p.numel() for p in norm_groups[0]["params"]] == [128]
+    trained = next(p for n, p in trainer.model.named_parameters() if ".ln_f.modules_to_save." in n).detach().clone()
+    assert not torch.equal(trained, torch.ones_like(trained))  # it moved from the base's gain
+    base = AutoModelForCausalLM.from_pretrained(tiny.resolve_model_path(model_args.model_name_or_path))
+    reloaded = PeftModel.from_pretrained(base, training_args.output_dir).merge_and_unload()
+    assert torch.equal(reloaded.transformer.ln_f.weight, trained)
+
+
+def test_rollouts_stop_at_end_turn_when_the_generation_config_lists_only_end_text(tmp_path):
+    """The published generation config lists only <|end_text|>; a chat turn ends at <|end_turn|>."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny.resolve_model_path("tiny-huginn"), model_dir)
+    tokenizer = data.load_tokenizer(str(model_dir))
+    end_text, end_turn = tokenizer.convert_tokens_to_ids(["<|end_text|>", "<|end_turn|>"])
+    GenerationConfig(eos_token_id=end_text, pad_token_id=tokenizer.pad_token_id).save_pretrained(model_dir)
+    trainer = train_grpo.build_trainer(*grpo_args(tmp_path, "--model_name_or_path", str(model_dir)))
+    assert {end_text, end_turn} <= set(trainer.eos_token_ids)
+    assert {end_text, end_turn} <= set(trainer.generation_config.eos_token_id)
 
 
 def test_rollout_and_loss_log_probs_agree_before_any_update(tmp_path):
     """The importance ratio new/old is 1 for every token before the first update: TRL's loss path (PEFT, fused
     LM head) scores a rollout at the rollout's depth and initial state."""
     script_args, training_args, model_args = grpo_args(tmp_path, "--rollout_num_steps", "6")
-    trainer = build_trainer(script_args, training_args, model_args)
+    trainer = train_grpo.build_trainer(script_args, training_args, model_args)
     tokenizer = trainer.processing_class
     prompts = [tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
                for row in trainer.train_dataset.select(range(4))]

@@ -279,6 +279,33 @@ def test_generation_stops_on_any_eos_and_pads_after(model):
     assert first_end <= 2 and (out[0, 5 + first_end + 1:] == 261).all()
 
 
+def test_rows_that_finish_early_leave_the_batch_without_changing_the_others(model):
+    """Finished rows are dropped from the batch (their cache rows too): the rows still decoding get exactly what
+    they get alone, with the same log-probs."""
+    ids, seeds = random_ids(3, 6, seed=2), torch.tensor([4, 5, 6])
+    kwargs = dict(num_steps=3, max_new_tokens=10, return_dict_in_generate=True)
+    alone = [model.generate(ids[i:i + 1], state_seeds=seeds[i:i + 1], eos_token_id=[10_000], **kwargs)
+             for i in range(3)]
+    stop = int(alone[1].sequences[0, 6 + 1])  # row 1 ends at its second new token
+    batch = model.generate(ids, state_seeds=seeds, eos_token_id=[10_000, stop], pad_token_id=261, **kwargs)
+    for i in (0, 2):
+        if stop in alone[i].sequences[0, 6:].tolist():
+            continue  # that row would stop too; the others still show the check
+        assert torch.equal(batch.sequences[i], alone[i].sequences[0])
+        assert torch.allclose(batch.logprobs[i], alone[i].logprobs[0], atol=1e-5)
+    assert (batch.sequences[1, 6 + 2:] == 261).all()
+
+
+def test_samples_of_one_prompt_share_its_prefill(model):
+    """num_return_sequences n: n consecutive rows per prompt; greedy, each equals the prompt decoded alone."""
+    ids, seeds = random_ids(2, 5, seed=3), torch.tensor([1, 2])
+    kwargs = dict(num_steps=3, max_new_tokens=6, eos_token_id=[10_000], return_dict_in_generate=True)
+    shared = model.generate(ids, state_seeds=seeds, num_return_sequences=3, **kwargs)
+    repeated = model.generate(ids.repeat_interleave(3, dim=0), state_seeds=seeds.repeat_interleave(3), **kwargs)
+    assert torch.equal(shared.sequences, repeated.sequences)
+    assert torch.allclose(shared.logprobs, repeated.logprobs, atol=1e-5)
+
+
 def test_sampling_is_reproducible_and_top_k_one_is_greedy(model):
     ids, seeds = random_ids(2, 5), torch.tensor([1, 2])
     kwargs = dict(num_steps=2, max_new_tokens=8, state_seeds=seeds, eos_token_id=[10_000])
