@@ -348,17 +348,21 @@ class HuginnEngine:
     def _end_token(self) -> None:
         if self.exit_threshold is None:
             self.buf.logits.copy_(self._coda_head())
-        elif self.cache.num_step_slots > 1:
+        else:  # _check_exit ran the coda and head; with several slots, fill the slots early exits skipped
             self.cache.repeat_latest_slot(self.buf.steps)
 
     def _prepare_phases(self) -> None:
-        """The phases as callables; on CUDA, recorded once as graphs while no row is occupied (every cache write is
-        masked and no state changes, so the warm-up and recording runs leave nothing behind)."""
-        phases = {"begin": self._begin_token, "end": self._end_token}
+        """The phases as callables (in the model's eval mode: dropout would be recorded into every replay); on CUDA,
+        recorded once as graphs sharing one memory pool, while no row is occupied (every cache write is masked and no
+        state changes, so the warm-up and recording runs leave nothing behind). If any phase fails to record, every
+        phase runs eagerly: one fallback for the whole engine, decided once."""
+        phases = {"begin": self._begin_token}
         phases |= {slot: (lambda slot=slot: self._core_step(slot)) for slot in range(self.cache.num_step_slots)}
+        if self.exit_threshold is None or self.cache.num_step_slots > 1:  # else it would do nothing
+            phases["end"] = self._end_token
         if self.cuda_graphs and self.device.type == "cuda":
             self.buf.occupied.zero_()
-            phases = {name: _record_cuda_graph(fn) for name, fn in phases.items()}
+            phases = _record_cuda_graphs(phases)
         self._phases = phases
 
     def _decode_pass(self, num_steps: int) -> None:
@@ -367,7 +371,8 @@ class HuginnEngine:
             self._phases[step % self.cache.num_step_slots]()
             if self.exit_threshold is not None and not bool(self.buf.running.any()):
                 break  # every row has exited (one host sync per step, only with adaptive exit)
-        self._phases["end"]()
+        if "end" in self._phases:
+            self._phases["end"]()
 
     # --- scheduling -------------------------------------------------------------------------------------------
 
@@ -452,12 +457,12 @@ class HuginnEngine:
             row_prompt=[None] * self.max_batch_size, row_length=[0] * self.max_batch_size,
             row_token=[0] * self.max_batch_size,
         )
-        if self._phases is None:
-            self._prepare_phases()
         queue = deque(range(len(prompts)))
         was_training = self.model.training
-        self.model.eval()  # no LoRA dropout
+        self.model.eval()  # no LoRA dropout, in the phases recorded below too
         try:
+            if self._phases is None:
+                self._prepare_phases()
             with tqdm(total=len(prompts), disable=not progress, desc="generate") as bar:
                 while queue or run.busy_rows():
                     start = time.perf_counter()
@@ -491,22 +496,28 @@ def gumbel_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> to
     return -torch.log(-torch.log(uniform)).float()
 
 
-def _record_cuda_graph(fn):
-    """Record `fn` (which only reads and writes preallocated tensors) as a CUDA graph; returns its replay. Falls
-    back to calling `fn` eagerly, with a warning, where recording fails (e.g. a kernel that syncs with the host)."""
+def _record_cuda_graphs(phases: dict) -> dict:
+    """Each phase (a callable that only reads and writes preallocated tensors) recorded as a CUDA graph, all graphs
+    in one memory pool (a pool per graph would hold, e.g., bitsandbytes' dequantized weights once per phase); the
+    replays, in the same order. If recording fails anywhere (e.g. a kernel that syncs with the host), the eager
+    callables for every phase, with one warning."""
     side_stream = torch.cuda.Stream()
     side_stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side_stream):
-        fn()  # warm-up: lazy initialisation (cuBLAS handles, bitsandbytes state) must not land in the graph
+        for fn in phases.values():
+            fn()  # warm-up: lazy initialisation (cuBLAS handles, bitsandbytes state) must not land in a graph
     torch.cuda.current_stream().wait_stream(side_stream)
-    graph = torch.cuda.CUDAGraph()
+    pool, graphs = torch.cuda.graph_pool_handle(), {}
     try:
-        with torch.cuda.graph(graph):
-            fn()
+        for name, fn in phases.items():
+            graphs[name] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graphs[name], pool=pool):
+                fn()
     except RuntimeError as error:
-        warnings.warn(f"CUDA graph recording failed, running this phase eagerly: {error}")
-        return fn
-    return graph.replay
+        torch.cuda.synchronize()
+        warnings.warn(f"CUDA graph recording failed, every decode phase runs eagerly: {error}")
+        return phases
+    return {name: graph.replay for name, graph in graphs.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -241,3 +241,23 @@ def test_bench_smoke_prints_table_with_equal_tokens(capsys):
         ["| NF4 (float32 compute)", "1"], ["| NF4 (float32 compute)", "4"], ["| NF4 (float32 compute)", "1, prompt 32"]]
     assert all(row.rstrip(" |").endswith("100%") for row in rows if "prompt" not in row)  # same greedy tokens
     assert "Adaptive exit" in table and table in capsys.readouterr().out
+
+
+def test_phases_are_prepared_in_eval_mode_and_an_empty_end_phase_is_left_out(model, monkeypatch):
+    """Phases are recorded (CUDA graphs on GPU) with the model in eval mode, or dropout would be replayed forever;
+    with adaptive exit and one slot the end-of-token phase does nothing, so none is recorded."""
+    modes = []
+    original = HuginnEngine._prepare_phases
+    monkeypatch.setattr(HuginnEngine, "_prepare_phases",
+                        lambda self: (modes.append(self.model.training), original(self))[1])
+    model.train()
+    try:
+        engine = HuginnEngine(model, max_batch_size=2, max_length=32, kv_cache_slots=1, exit_threshold=5e-4)
+        engine.generate(random_prompts([4, 5]), num_steps=3, max_new_tokens=3, eos_token_ids=[10_000])
+        assert modes == [False] and model.training  # recorded in eval mode, the caller's mode restored
+        assert "end" not in engine._phases
+        exact = HuginnEngine(model, max_batch_size=2, max_length=32, kv_cache_slots=1)
+        exact.generate(random_prompts([4, 5]), num_steps=3, max_new_tokens=3, eos_token_ids=[10_000])
+        assert "end" in exact._phases  # without adaptive exit it runs the coda and head
+    finally:
+        model.eval()
