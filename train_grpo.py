@@ -103,6 +103,11 @@ class HuginnGRPOTrainer(SafeTrainerMixin, GRPOTrainer):
         # `_generate_single_turn` below replaces the one vLLM call, so the correction is TRL's own code.
         self.use_vllm = True
         disable_lora_dropout(self.model)  # after TRL made its "ref" adapter, a copy of the SFT adapter's config
+        if self.args.learning_rate == 0:  # the LoRA is held: computing its gradients would be wasted work
+            for name, parameter in self.model.named_parameters():
+                parameter.requires_grad_(parameter.requires_grad and f".{FINAL_NORM}." in name)
+        if not any(parameter.requires_grad for parameter in self.model.parameters()):
+            raise ValueError("nothing to train: learning_rate is 0 and final_norm_learning_rate is 0")
 
     def create_optimizer(self, model=None):
         """The Trainer's optimizer, with the final norm's gain (when trained) in a group of its own rate: one gain
@@ -111,12 +116,11 @@ class HuginnGRPOTrainer(SafeTrainerMixin, GRPOTrainer):
         norm_rate = self.final_norm_learning_rate
         norm = [p for name, p in self.model.named_parameters() if p.requires_grad and f".{FINAL_NORM}." in name]
         if norm_rate > 0 and norm:
-            ids = {id(p) for p in norm}
+            ids, settings = {id(p) for p in norm}, dict(optimizer.param_groups[0])
             for group in optimizer.param_groups:
                 group["params"] = [p for p in group["params"] if id(p) not in ids]
             optimizer.param_groups = [group for group in optimizer.param_groups if group["params"]]
-            optimizer.add_param_group({**optimizer.param_groups[0], "params": norm, "lr": norm_rate,
-                                       "initial_lr": norm_rate, "weight_decay": 0.0})
+            optimizer.add_param_group({**settings, "params": norm, "lr": norm_rate, "weight_decay": 0.0})
         return optimizer
 
     def round_depth(self) -> int:

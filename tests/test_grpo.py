@@ -104,17 +104,19 @@ def test_lora_weights_stay_fp32_and_learn_at_rl_rates_under_nf4(tmp_path, sft_ad
 
 
 def test_final_norm_gain_trains_at_its_own_rate_and_is_saved_with_the_adapter(tmp_path, sft_adapter):
-    """final_norm_learning_rate: the final RMSNorm's gain is trained in an optimizer group of that rate (the SFT
-    adapter's other weights keep the LoRA rate) and saved with the adapter, so evaluation loads what GRPO learnt."""
+    """final_norm_learning_rate: the final RMSNorm's gain is trained in an optimizer group of that rate and saved
+    with the adapter, so evaluation loads what GRPO learnt. learning_rate 0 holds the LoRA: no gradient for it."""
     def length_reward(completions, **kwargs):
         return [float(len(c[0]["content"])) for c in completions]
 
     script_args, training_args, model_args = grpo_args(
-        tmp_path, "--sft_adapter", sft_adapter, "--final_norm_learning_rate", "0.05", "--max_steps", "2",
-        "--rollout_num_steps", "2", "--warmup_steps", "0", "--save_strategy", "no", "--reward_weights", "1.0")
+        tmp_path, "--sft_adapter", sft_adapter, "--final_norm_learning_rate", "0.05", "--learning_rate", "0",
+        "--max_steps", "2", "--rollout_num_steps", "2", "--warmup_steps", "0", "--save_strategy", "no",
+        "--reward_weights", "1.0")
     trainer = train_grpo.main(script_args, training_args, model_args, reward_funcs=[length_reward])
-    norm_groups = [g for g in trainer.optimizer.param_groups if g["lr"] == 0.05]
-    assert len(norm_groups) == 1 and [p.numel() for p in norm_groups[0]["params"]] == [128]
+    assert [group["lr"] for group in trainer.optimizer.param_groups] == [0.05]
+    assert [p.numel() for p in trainer.optimizer.param_groups[0]["params"]] == [128]
+    assert not any(p.requires_grad for n, p in trainer.model.named_parameters() if "lora_" in n)
     trained = next(p for n, p in trainer.model.named_parameters() if ".ln_f.modules_to_save." in n).detach().clone()
     assert not torch.equal(trained, torch.ones_like(trained))  # it moved from the base's gain
     base = AutoModelForCausalLM.from_pretrained(tiny.resolve_model_path(model_args.model_name_or_path))

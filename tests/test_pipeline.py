@@ -7,16 +7,20 @@ import pytest
 import torch
 import yaml
 
+import data
 import pipeline
+import train_grpo
+from training import parse_args
 
-# Margins (accuracy, 0-1) well inside what seeds 0, 1 and 2 measured (README, "The tiny pipeline and its results"):
-# SFT - base +0.48..+0.51, 8 - 1 steps +0.17..+0.27. GRPO's gain is within noise at this budget (mean reward
-# -0.008..+0.020, greedy -0.008..+0.078), so its bounds only catch a GRPO stage that damages the SFT model (as a
-# learning rate of 1e-3, or 4 prompts x 8 samples a step, did: greedy -0.17 to -0.37).
+# Margins (accuracy, 0-1) that seeds 0, 1 and 2 clear (README, "The tiny pipeline and its results"): SFT - base
+# +0.49..+0.56, 8 - 1 steps +0.19..+0.38; GRPO - SFT mean reward at temperature 1 +0.16..+0.24 (40 steps), greedy
+# -0.023..+0.070. A GRPO stage that only kept SFT's model (the earlier LoRA-only recipe: -0.008..+0.020) fails the
+# reward margin.
 MIN_SFT_OVER_BASE = 0.30
 MIN_DEEP_OVER_SHALLOW = 0.10
-MIN_GRPO_OVER_SFT_REWARD = -0.04
-MIN_GRPO_OVER_SFT_GREEDY = -0.08
+MIN_GRPO_OVER_SFT_REWARD = 0.10
+MIN_GRPO_OVER_SFT_GREEDY = -0.06
+MIN_GRPO_TRAINING_REWARD_RISE = 0.08  # mean of the last 5 steps' reward - the first 5's: +0.18..+0.22 measured
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +38,7 @@ def pipeline_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_pipeline_shows_sft_and_depth_effects_and_grpo_keeps_them(pipeline_run):
+def test_pipeline_shows_sft_depth_and_grpo_effects(pipeline_run):
     output_dir, report_dir = pipeline_run
     greedy, sampled = (json.loads((output_dir / "eval" / section / "results.json").read_text())["results"]
                        for section in ("eval", "eval_sampled"))
@@ -44,6 +48,9 @@ def test_pipeline_shows_sft_and_depth_effects_and_grpo_keeps_them(pipeline_run):
     assert effects["deep_over_shallow"] >= MIN_DEEP_OVER_SHALLOW
     assert effects["grpo_over_sft_reward"] >= MIN_GRPO_OVER_SFT_REWARD
     assert effects["grpo_over_sft_greedy"] >= MIN_GRPO_OVER_SFT_GREEDY
+    history = json.loads((output_dir / "grpo" / "trainer_state.json").read_text())["log_history"]
+    rewards = [entry["reward"] for entry in history if "reward" in entry]  # the GRPO panel of training_curves.png
+    assert sum(rewards[-5:]) / 5 - sum(rewards[:5]) / 5 >= MIN_GRPO_TRAINING_REWARD_RISE
     report = (report_dir / "results.md").read_text()
     assert "| grpo | gsm8k_test | 64 |" in report and "Stage wall times" in report
     for plot in ("accuracy_vs_steps.png", "training_curves.png"):
@@ -68,3 +75,43 @@ def test_unknown_section_or_pretrain_key_is_an_error(tmp_path):
         with pytest.raises(ValueError, match=message):
             pipeline.main(pipeline.parse_args(["--output_dir", str(tmp_path / "out"), "--config", str(path)]))
     assert not (tmp_path / "out").exists()
+
+
+BANDIT_STEPS = 30
+BANDIT_DIGITS = "1234"  # the SFT model starts its answer by restating the question's first digit: ~4 in 9 of these
+
+
+def first_token_bandit(digit_ids: set[int], sign: float):
+    """A reward GRPO cannot earn by accident: sign * 1 when the completion's first token is one of `digit_ids`."""
+    def bandit_reward(completions, completion_ids, **kwargs):
+        return [sign * float(bool(ids) and ids[0] in digit_ids) for ids in completion_ids]
+    return bandit_reward
+
+
+def bandit_rates(output_dir, sign: float) -> list[float]:
+    """Per step, the fraction of rollouts whose first token is a bandit digit, training on sign * that."""
+    stage_dir = output_dir / f"bandit{sign:+.0f}"
+    script_args, training_args, model_args = parse_args(train_grpo.ScriptArguments, train_grpo.GRPOConfig, [
+        "--config", str(output_dir / "grpo" / "config.yaml"), "--output_dir", str(stage_dir),
+        "--max_steps", str(BANDIT_STEPS), "--max_completion_length", "2", "--reward_weights", "1.0",
+        "--learning_rate", "2e-3", "--logging_steps", "1"])
+    tokenizer = data.load_tokenizer(model_args.model_name_or_path)
+    digit_ids = set(tokenizer.convert_tokens_to_ids(list(BANDIT_DIGITS)))
+    trainer = train_grpo.main(script_args, training_args, model_args,
+                              reward_funcs=[first_token_bandit(digit_ids, sign)])
+    return [sign * entry["reward"] for entry in trainer.state.log_history if "reward" in entry]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_grpo_bandit_moves_the_rewarded_first_token_both_ways(pipeline_run, sign):
+    """From the tiny SFT model, GRPO pushes the rate of a rewarded first token from its start (~0.4) to >= 0.9 in
+    30 steps, and with the reward negated down to <= 0.1: the sign of the update, the advantages, the completion
+    masks and the optimizer plumbing all work. (A sign error, a mask that dropped the first token or an update that
+    never reached the LoRA weights would leave the rate where it started or move it the wrong way.)"""
+    output_dir, _ = pipeline_run
+    rates = bandit_rates(output_dir, sign)
+    print(f"sign {sign:+.0f}: rates {[round(r, 2) for r in rates]}")
+    assert 0.2 <= rates[0] <= 0.8  # neither target is reached at the start
+    final = sum(rates[-5:]) / 5
+    assert final >= 0.9 if sign > 0 else final <= 0.1
