@@ -73,38 +73,9 @@ from tiny import resolve_model_path
 
 BENCHMARKS = {"gsm8k": "openai/gsm8k", "math500": "HuggingFaceH4/MATH-500", "math": "EleutherAI/hendrycks_math"}
 PROMPT_FORMATS = ("boxed", "gsm8k_cot")
-# lm-eval-harness's gsm8k_cot task, which the paper's GSM8K scores come from: the chain-of-thought exemplars of
-# Wei et al. (2022, arXiv 2201.11903), taken first-n, asked as "Q: {question}\nA:"; completions stop at "Q:";
-# strict = first "The answer is N.", flexible = last number, then exact match after its normalisation.
-GSM8K_COT_EXEMPLARS = (
-    ("There are 15 trees in the grove. Grove workers will plant trees in the grove today. After they are done, there "
-     "will be 21 trees. How many trees did the grove workers plant today?",
-     "There are 15 trees originally. Then there were 21 trees after some more were planted. So there must have been "
-     "21 - 15 = 6. The answer is 6."),
-    ("If there are 3 cars in the parking lot and 2 more cars arrive, how many cars are in the parking lot?",
-     "There are originally 3 cars. 2 more cars arrive. 3 + 2 = 5. The answer is 5."),
-    ("Leah had 32 chocolates and her sister had 42. If they ate 35, how many pieces do they have left in total?",
-     "Originally, Leah had 32 chocolates. Her sister had 42. So in total they had 32 + 42 = 74. After eating 35, they "
-     "had 74 - 35 = 39. The answer is 39."),
-    ("Jason had 20 lollipops. He gave Denny some lollipops. Now Jason has 12 lollipops. How many lollipops did Jason "
-     "give to Denny?",
-     "Jason started with 20 lollipops. Then he had 12 after giving some to Denny. So he gave Denny 20 - 12 = 8. The "
-     "answer is 8."),
-    ("Shawn has five toys. For Christmas, he got two toys each from his mom and dad. How many toys does he have now?",
-     "Shawn started with 5 toys. If he got 2 toys each from his mom and dad, then that is 4 more toys. 5 + 4 = 9. The "
-     "answer is 9."),
-    ("There were nine computers in the server room. Five more computers were installed each day, from monday to "
-     "thursday. How many computers are now in the server room?",
-     "There were originally 9 computers. For each of 4 days, 5 more computers were added. So 5 * 4 = 20 computers "
-     "were added. 9 + 20 is 29. The answer is 29."),
-    ("Michael had 58 golf balls. On tuesday, he lost 23 golf balls. On wednesday, he lost 2 more. How many golf balls "
-     "did he have at the end of wednesday?",
-     "Michael started with 58 golf balls. After losing 23 on tuesday, he had 58 - 23 = 35. After losing 2 more, he "
-     "had 35 - 2 = 33 golf balls. The answer is 33."),
-    ("Olivia has $23. She bought five bagels for $3 each. How much money does she have left?",
-     "Olivia had 23 dollars. 5 bagels for 3 dollars each will be 5 x 3 = 15 dollars. So she has 23 - 15 dollars "
-     "left. 23 - 15 is 8. The answer is 8."),
-)
+# lm-eval-harness's gsm8k_cot task, which the paper's GSM8K scores come from (prompts: data.gsm8k_cot_messages):
+# completions stop at "Q:"; strict = first "The answer is N.", flexible = last number, then exact match after its
+# normalisation.
 LM_EVAL_STOP = "Q:"
 LM_EVAL_STRICT = re.compile(r"The answer is (-?[0-9.,]+).")
 LM_EVAL_FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
@@ -196,11 +167,7 @@ def chat_messages(problem: str, args: EvalArguments, exemplars: list[dict]) -> l
     """The chat asking one problem, solved exemplars as earlier user/assistant turns. boxed: data.prompt_messages,
     exemplars from `exemplars` answered in \\boxed{}; gsm8k_cot: lm-eval's "Q: ...\\nA:" turns, its own exemplars."""
     if args.prompt_format == "gsm8k_cot":
-        system = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
-        shots = []
-        for question, answer in GSM8K_COT_EXEMPLARS[:args.num_fewshot]:
-            shots += [{"role": "user", "content": f"Q: {question}\nA:"}, {"role": "assistant", "content": answer}]
-        return system + shots + [{"role": "user", "content": f"Q: {problem}\nA:"}]
+        return data.gsm8k_cot_messages(problem, args.system_prompt, args.num_fewshot)
     shots = []
     for example in exemplars:
         shots += data.prompt_messages(example["problem"], None)
@@ -530,8 +497,8 @@ def check_arguments(args: EvalArguments) -> None:
         raise ValueError(f"init_state must be 'random' or 'zero', got {args.init_state!r}")
     if args.prompt_format not in PROMPT_FORMATS:
         raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {args.prompt_format!r}")
-    if args.prompt_format == "gsm8k_cot" and args.num_fewshot > len(GSM8K_COT_EXEMPLARS):
-        raise ValueError(f"gsm8k_cot has {len(GSM8K_COT_EXEMPLARS)} exemplars, num_fewshot is {args.num_fewshot}")
+    if args.prompt_format == "gsm8k_cot" and args.num_fewshot > (available := len(data.GSM8K_COT_EXEMPLARS)):
+        raise ValueError(f"gsm8k_cot has {available} exemplars, num_fewshot is {args.num_fewshot}")
 
 
 def main(args: EvalArguments, backends: dict[str, Backend] | None = None) -> list[dict]:
