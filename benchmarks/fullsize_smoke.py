@@ -53,8 +53,8 @@ def published_config(tiny_widths: bool) -> dict:
     """huginn-0125's config.json as published (the reference copy when present, else HuginnConfig()'s defaults)."""
     if PUBLISHED_CONFIG.is_file():
         config = json.loads(PUBLISHED_CONFIG.read_text())
-    else:
-        config = HuginnConfig().to_dict()
+    else:  # as JSON holds it (id2label's keys become strings), so it equals the config.json written from it
+        config = json.loads(HuginnConfig().to_json_string())
     return {**config, **TINY_WIDTHS} if tiny_widths else config
 
 
