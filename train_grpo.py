@@ -137,8 +137,9 @@ class HuginnGRPOTrainer(SafeTrainerMixin, GRPOTrainer):
         """Completions (cut after their first stop token) and each token's log-probability under the sampling
         distribution, from the model's cached decode at the round's depth and initial state. TRL repeats each prompt
         `num_generations` times in a row: each is prefilled once."""
-        samples = num_generations if all(ids == prompt_ids[i - i % num_generations]
-                                          for i, ids in enumerate(prompt_ids)) else 1
+        grouped = len(prompt_ids) % num_generations == 0 and all(
+            ids == prompt_ids[i - i % num_generations] for i, ids in enumerate(prompt_ids))
+        samples = num_generations if grouped else 1
         rows = [torch.tensor(ids) for ids in prompt_ids[::samples]]
         device = self.accelerator.device
         inputs = {"input_ids": pad(rows, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device),
@@ -270,7 +271,8 @@ def load_policy(script_args: ScriptArguments, model_args: ModelConfig, training_
     trained_norm = [FINAL_NORM] if script_args.final_norm_learning_rate > 0 else []
     if script_args.sft_adapter is None:
         config = lora_config(model_args)
-        config.modules_to_save = [*(config.modules_to_save or []), *trained_norm]
+        if config is not None and trained_norm:
+            config.modules_to_save = [*(config.modules_to_save or []), *trained_norm]
         return model, config
     model = PeftModel.from_pretrained(model, script_args.sft_adapter, is_trainable=True)
     # Modules SFT trained in full (modules_to_save, e.g. the tiny default's embeddings) stay frozen: Adam moves
