@@ -672,7 +672,8 @@ class HuginnForCausalLM(HuginnPreTrainedModel, GenerationMixin):
                 step_kwargs["state_seeds"] = state_seeds.repeat_interleave(num_return_sequences)
             batch *= num_return_sequences
         new_tokens = input_ids.new_full((batch, config.max_new_tokens), pad_id)
-        logprobs = torch.zeros(batch, config.max_new_tokens, device=input_ids.device)
+        scored = config.return_dict_in_generate  # only then: a log-softmax over the vocabulary per token and row
+        logprobs = torch.zeros(batch, config.max_new_tokens if scored else 0, device=input_ids.device)
         rows = torch.arange(batch, device=input_ids.device)  # rows still decoding, in the order the cache holds them
         for position in range(config.max_new_tokens):
             if config.do_sample:
@@ -681,8 +682,8 @@ class HuginnForCausalLM(HuginnPreTrainedModel, GenerationMixin):
             else:
                 token = logits.argmax(-1)
             new_tokens[rows, position] = token
-            # scored at the sampling temperature, as TRL scores tokens in the loss (top-k/top-p left out, as there)
-            logprobs[rows, position] = (logits / temperature).log_softmax(-1).gather(1, token[:, None]).squeeze(1)
+            if scored:  # at the sampling temperature, as TRL scores tokens in the loss (top-k/top-p left out, as there)
+                logprobs[rows, position] = (logits / temperature).log_softmax(-1).gather(1, token[:, None]).squeeze(1)
             running = ~torch.isin(token, eos_ids)
             if not bool(running.any()) or position + 1 == config.max_new_tokens:
                 break
