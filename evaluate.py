@@ -30,6 +30,8 @@ Benchmark names: gsm8k (openai/gsm8k main test, 1319), math500 (HuggingFaceH4/MA
 Memory: per depth, the largest batch up to --batch_size whose weights, KV cache and activations fit the budget
 (--max_memory_gb, else the free GPU memory at start; on CPU the available RAM), with exact KV caches (one slot per
 step) unless not even one row fits (generation.plan_generation_memory); --kv_cache_slots k shares slots instead.
+Decoding: generation.HuginnEngine, one per checkpoint and plan, continuously batched (a finished row takes the next
+problem), CUDA graphs on GPU.
 
 Outputs in output_dir: results.json (accuracy with Wilson 95% interval per checkpoint x benchmark x steps, GSM8K's
 lm-eval strict/flexible scores with gsm8k_cot prompts, tokens, speed, the memory plan, config, prompt, versions, git
@@ -85,6 +87,9 @@ LM_EVAL_IGNORE = (r",", r"\$", r"(?s).*#### ", r"\.$")
 # request (kv_cache_slots None: one slot per step). A request holds "id", "sample", "seed", "prompt" and the gold
 # "problem", "solution", "answer" (stand-ins may use them).
 Backend = Callable[[list[dict], int, int | None], list[dict]]
+# Requests per backend call, in planned batches: the engine keeps its rows busy across a call (continuous batching),
+# and samples are written after each call, so an interruption loses at most one call's work.
+CHUNK_BATCHES = 8
 
 
 @dataclass
@@ -198,18 +203,20 @@ def memory_plans(args: EvalArguments, prompt_length: int) -> tuple[dict[int, Mem
         budget = free_memory_bytes(device)
         source = f"{'free GPU memory' if device.type == 'cuda' else 'available RAM'} at start"
     config = AutoConfig.from_pretrained(resolve_model_path(args.model_name_or_path))
-    adaptive = args.exit_threshold is not None
-    slots = args.kv_cache_slots or (1 if adaptive else None)  # the engine's default: one shared slot
+    slots = args.kv_cache_slots or (1 if args.exit_threshold is not None else None)  # adaptive: one shared slot
     return {steps: plan_generation_memory(config, budget, args.batch_size, prompt_length, args.max_new_tokens, steps,
-                                          slots, dtype, args.load_in_4bit, engine=adaptive)
+                                          slots, dtype, args.load_in_4bit, engine=True)
             for steps in args.num_steps}, source
 
 
 class HuginnBackend:
-    """Batched (left-padded) generation with huginn, plus an optional LoRA adapter (merged unless NF4)."""
+    """Generation with huginn, plus an optional LoRA adapter (merged unless NF4), through generation.HuginnEngine:
+    continuous batching over each call's requests (a finished row takes the next problem; greedy completions do
+    not depend on the batch), at each depth's planned batch size and KV cache mode. One engine per memory plan,
+    kept across calls; `max_prompt_tokens` (the run's longest prompt) sizes its cache."""
 
-    def __init__(self, args: EvalArguments, adapter: str | None):
-        self.args = args
+    def __init__(self, args: EvalArguments, adapter: str | None, plans: dict[int, MemoryPlan], max_prompt_tokens: int):
+        self.args, self.plans, self.max_prompt_tokens = args, plans, max_prompt_tokens
         self.device, dtype = device_and_dtype(args)
         model = AutoModelForCausalLM.from_pretrained(
             resolve_model_path(args.model_name_or_path), dtype=dtype, device_map=self.device,
@@ -220,36 +227,37 @@ class HuginnBackend:
         self.model = model.eval()
         self.tokenizer = data.load_tokenizer(args.model_name_or_path)
         self.eos_ids = data.stop_token_ids(model.generation_config, self.tokenizer)
+        self.engine_key, self.engine = None, None
+
+    def engine_for(self, num_steps: int, kv_cache_slots: int | None) -> HuginnEngine:
+        """The engine of this depth's plan, built when the plan differs from the last one's (the old one's cache
+        freed first: two would not fit the plan)."""
+        key = (self.plans[num_steps].batch_size, kv_cache_slots or num_steps)
+        if key != self.engine_key:
+            if self.engine is not None:
+                self.engine.close()
+            self.engine = HuginnEngine(self.model, key[0], self.max_prompt_tokens + self.args.max_new_tokens,
+                                       kv_cache_slots=key[1], exit_threshold=self.args.exit_threshold,
+                                       init_state=self.args.init_state)
+            self.engine_key = key
+            print(f"engine for {num_steps} steps: batch {key[0]}, {key[1]} KV slot(s), cache "
+                  f"{self.engine.cache_bytes / 1e9:.3f} GB allocated ({self.plans[num_steps].cache_bytes / 1e9:.3f} "
+                  "GB planned)", flush=True)
+        return self.engine
 
     def __call__(self, requests: list[dict], num_steps: int, kv_cache_slots: int | None) -> list[dict]:
-        if self.args.exit_threshold is not None:
-            return self.generate_adaptive(requests, num_steps, kv_cache_slots or num_steps)
         args = self.args
-        batch = self.tokenizer([r["prompt"] for r in requests], return_tensors="pt", padding=True,
-                               add_special_tokens=False).to(self.device)  # the chat template holds the bos token
-        sampling = {}
-        if args.do_sample:
-            generator = torch.Generator(self.device).manual_seed(requests[0]["seed"])
-            sampling = dict(temperature=args.temperature, top_p=args.top_p, generator=generator)
-        output = self.model.generate(
-            batch.input_ids, attention_mask=batch.attention_mask, num_steps=num_steps,
-            max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, init_state=args.init_state,
-            state_seeds=torch.tensor([r["seed"] for r in requests]), kv_cache_slots=kv_cache_slots,
-            eos_token_id=self.eos_ids, pad_token_id=self.tokenizer.pad_token_id, **sampling)
-        return [self.completion(ids) for ids in output[:, batch.input_ids.shape[1]:].tolist()]
-
-    def generate_adaptive(self, requests: list[dict], num_steps: int, kv_cache_slots: int) -> list[dict]:
-        """The engine's per-token adaptive exit (at most num_steps); reports the mean steps each completion used."""
-        args = self.args
-        prompts = [self.tokenizer(r["prompt"], add_special_tokens=False).input_ids for r in requests]
-        engine = HuginnEngine(self.model, len(prompts), max(map(len, prompts)) + args.max_new_tokens,
-                              kv_cache_slots=kv_cache_slots, exit_threshold=args.exit_threshold)
+        prompts = [self.tokenizer(r["prompt"], add_special_tokens=False).input_ids for r in requests]  # bos in prompt
         seeds = [r["seed"] for r in requests]
-        result = engine.generate(prompts, num_steps=num_steps, max_new_tokens=args.max_new_tokens,
-                                 eos_token_ids=self.eos_ids, do_sample=args.do_sample, temperature=args.temperature,
-                                 top_p=args.top_p, state_seeds=seeds, sampling_seeds=seeds)
-        return [{**self.completion(tokens), "mean_steps_used": sum(steps) / len(steps)}
-                for tokens, steps in zip(result.tokens, result.steps_used)]
+        result = self.engine_for(num_steps, kv_cache_slots).generate(
+            prompts, num_steps=num_steps, max_new_tokens=args.max_new_tokens, eos_token_ids=self.eos_ids,
+            do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p, state_seeds=seeds,
+            sampling_seeds=seeds)
+        completions = [self.completion(tokens) for tokens in result.tokens]
+        if args.exit_threshold is not None:  # adaptive exit: the steps each completion's tokens used
+            for completion, steps in zip(completions, result.steps_used):
+                completion["mean_steps_used"] = sum(steps) / len(steps)
+        return completions
 
     def completion(self, ids: list[int]) -> dict:
         end = next((i for i, token in enumerate(ids) if token in self.eos_ids), None)
@@ -489,8 +497,6 @@ def build_problems(args: EvalArguments, benchmarks: dict[str, str], tokenizer) -
 
 
 def check_arguments(args: EvalArguments) -> None:
-    if args.exit_threshold is not None and args.init_state != "random":
-        raise ValueError("adaptive exit (the engine) starts from the seeded random state: use init_state random")
     if args.num_samples > 1 and not args.do_sample:
         raise ValueError("num_samples > 1 needs do_sample (greedy samples would all be the same)")
     if args.init_state not in ("random", "zero"):
@@ -548,18 +554,19 @@ def main(args: EvalArguments, backends: dict[str, Backend] | None = None) -> lis
             if not todo:
                 continue
             backend = backends[checkpoint] if backends is not None else HuginnBackend(
-                args, None if adapter == "base" else adapter)
+                args, None if adapter == "base" else adapter, plans, prompt_length)
             for steps, plan in plans.items():
                 for label in problems:
                     group = [key for key in todo if key[1:3] == (label, steps)]
-                    group.sort(key=lambda key: -len(rows_by_id[label, key[3]]["prompt"]))  # less padding
-                    for start in range(0, len(group), plan.batch_size):
+                    group.sort(key=lambda key: -len(rows_by_id[label, key[3]]["prompt"]))  # long ones first
+                    chunk = plan.batch_size * CHUNK_BATCHES
+                    for start in range(0, len(group), chunk):
                         batch = [dict(rows_by_id[label, id_], checkpoint=checkpoint, benchmark=label, steps=steps,
                                       sample=sample, key=key, seed=stable_seed(args.seed, label, id_, sample))
-                                 for _, _, _, id_, sample, key in group[start:start + plan.batch_size]]
+                                 for _, _, _, id_, sample, key in group[start:start + chunk]]
                         began = time.perf_counter()
                         completions = backend(batch, steps, plan.kv_cache_slots)
-                        for request in batch:  # the batch's time, shared by its samples
+                        for request in batch:  # the chunk's time, shared by its samples
                             request["seconds"] = (time.perf_counter() - began) / len(batch)
                         for record in score(batch, completions, is_gsm8k[label], args):
                             sink.write(json.dumps(record) + "\n")

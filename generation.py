@@ -1,4 +1,6 @@
-"""Fast recurrent-depth generation for rollouts and evaluation: `HuginnEngine`.
+"""Fast recurrent-depth generation, the decode path of GRPO rollouts (train_grpo.py) and evaluation (evaluate.py):
+`HuginnEngine`. It runs the model's own prelude, core step and coda (HuginnModel.prelude_pass / core_step /
+coda_pass) on its own cache layout; `HuginnForCausalLM.generate` stays the small exact reference.
 
     from generation import HuginnEngine, pick_generation_model
     model = pick_generation_model(qlora_model, max_batch_size=64, max_length=512)  # dense bf16 copy if it fits
@@ -8,7 +10,8 @@
 
 What it adds to `HuginnForCausalLM.generate` (the simple path, which the tests hold it equal to):
 - Continuous batching: every cache row is its own sequence with its own length, RoPE positions and key-validity
-  mask, so when a row finishes the next prompt is prefilled into it while the other rows keep decoding.
+  mask, so when a row finishes the next prompt is prefilled into it while the other rows keep decoding. Rows with
+  the same prompt and initial-state seed (a GRPO group) share one prefill.
 - One preallocated KV cache whose core layers have `kv_cache_slots` k slots shared across recurrent steps
   (slot = step mod k). The default k=1 is the authors' "compress-s4" (their cache indexes block passes modulo 4,
   i.e. one recurrent step of the 4 core blocks): 8 layer entries per token, 169 KB per token at full size in bf16,
@@ -18,7 +21,8 @@ What it adds to `HuginnForCausalLM.generate` (the simple path, which the tests h
   and its cache entries then stay as they were at its exit, whatever the rows beside it still do.
 - On CUDA each phase of a decode pass (prelude, one recurrent step per slot, coda + head) is replayed as a recorded
   CUDA graph at fixed shapes (attention reads the whole preallocated length under the validity mask), so the ~2,000
-  kernel launches of a 32-step token cost no CPU time. On CPU the same phases run eagerly.
+  kernel launches of a 32-step token cost no CPU time, at the full batch. Eager (CPU), a pass computes only the
+  busy rows, and with adaptive exit only the rows still recurring.
 - Per-prompt seeds: the initial state is a function of (state seed, position), the sampling noise of (sampling
   seed, position), so a prompt's tokens do not depend on the batch or row it ran in.
 """
@@ -46,6 +50,7 @@ from modeling_huginn_qlora import (
 )
 
 DEFAULT_EXIT_THRESHOLD = 5e-4  # the authors' KL threshold: ~13-16 of 32 steps on average, almost no loss
+REFILL_FRACTION = 4  # prompts start once a quarter of the rows are free (or the queue fits the free rows)
 _SAMPLING_SALT = 0x5BD1E995  # keeps sampling noise apart from initial-state noise drawn with the same seed
 
 
@@ -138,37 +143,47 @@ def plan_generation_memory(config: HuginnConfig, budget_bytes: float, batch_size
 
 class EngineKVCache(HuginnKVCache):
     """HuginnKVCache's layout (prelude layers, k slots of core layers, coda layers) in which every row is its own
-    sequence. A decode pass writes row r's new key at `positions[r]`, only where `write_rows[r]` (a row that exited
-    early keeps its entries), and returns the first `kv_len` positions of every row; key j is valid for row r iff
-    j <= positions[r] (the engine's attention mask). `positions` and `write_rows` are the engine's step buffers."""
+    sequence. A decode pass computes the cache rows `rows` (a slice, or an index tensor of the rows still recurring)
+    and writes row r's new key at `positions[r]`, only where `write_rows[r]` (a row that exited early keeps its
+    entries); it reads the first `kv_len` positions of those rows. Key j is valid for row r iff j <= positions[r]
+    (the engine's attention mask). `positions` and `write_rows` are the engine's step buffers."""
 
     def __init__(self, config, batch_size, max_length, num_step_slots, dtype, device, positions, write_rows):
         # One extra position per row, never read: the writes of rows that must not write land there.
         super().__init__(config, batch_size, max_length + 1, num_step_slots, dtype, device)
         self.positions, self.write_rows = positions, write_rows
-        self.rows = torch.arange(batch_size, device=device)
+        self.row_ids = torch.arange(batch_size, device=device)
+        self.rows: slice | torch.Tensor = slice(None)
         self.kv_len = self.scratch = max_length
 
     def _write(self, cache: torch.Tensor, layer: int, new: torch.Tensor, rows_to_write: torch.Tensor) -> None:
-        """new (batch, heads, head_dim) at each row's position, for `rows_to_write`."""
-        cache[layer, self.rows, :, torch.where(rows_to_write, self.positions, self.scratch)] = new
+        """new (rows, heads, head_dim) at each of `rows`' position, where rows_to_write (rows,)."""
+        target = torch.where(rows_to_write, self.positions[self.rows], self.scratch)
+        cache[layer, self.row_ids[self.rows], :, target] = new
 
     def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """keys, values (batch, heads, 1, head_dim) -> cached (batch, heads, kv_len, head_dim)."""
-        self._write(self.keys, layer, keys[:, :, 0], self.write_rows)
-        self._write(self.values, layer, values[:, :, 0], self.write_rows)
-        return self.keys[layer, :, :, :self.kv_len], self.values[layer, :, :, :self.kv_len]
+        """keys, values (rows, heads, 1, head_dim) -> cached (rows, heads, kv_len, head_dim)."""
+        write = self.write_rows[self.rows]
+        self._write(self.keys, layer, keys[:, :, 0], write)
+        self._write(self.values, layer, values[:, :, 0], write)
+        return self.keys[layer, self.rows, :, :self.kv_len], self.values[layer, self.rows, :, :self.kv_len]
+
+    def copy_row(self, source: int, target: int, length: int) -> None:
+        """Row `target` gets the first `length` cached positions of row `source`, in every layer."""
+        for cache in (self.keys, self.values):
+            cache[:, target, :, :length] = cache[:, source, :, :length]
 
     def repeat_latest_slot(self, steps_done: torch.Tensor) -> None:
         """After early exits (k > 1): a token that ran s < k steps never wrote slots s..k-1; they get its latest
         step's entries, so a later token reading slot j sees this token's final recurrence (the authors' "latest"
-        lookup), never a stale entry of the row's previous occupant."""
+        lookup), never a stale entry of the row's previous occupant. `steps_done` (rows,)."""
+        rows, positions = self.row_ids[self.rows], self.positions[self.rows]
         for slot in range(1, self.num_step_slots):
-            missing = steps_done <= slot  # (batch,)
+            missing = steps_done <= slot
             for block in range(self.num_core):
                 src, dst = self.core_layer(slot - 1, block), self.core_layer(slot, block)
                 for cache in (self.keys, self.values):
-                    self._write(cache, dst, cache[src, self.rows, :, self.positions], missing)
+                    self._write(cache, dst, cache[src, rows, :, positions], missing)
 
 
 class _PrefillView:
@@ -227,9 +242,10 @@ class _StepBuffers:
 @dataclass
 class GenerationResult:
     """Per prompt, one entry per new token: `tokens` (up to and including its end token), `logprobs` (log p of the
-    token under the untempered distribution it was drawn from; with adaptive exit, the one at the exit step) and
-    `steps_used` (recurrent steps behind it; a prompt's first token comes from its prefill, always at full depth).
-    Wall-clock seconds of prefills and of decode passes, and the number of tokens the decode passes produced."""
+    token at the sampling temperature, before top-k / top-p, as GRPO's loss scores it; 1 when greedy; with adaptive
+    exit, at the exit step) and `steps_used` (recurrent steps behind it; a prompt's first token comes from its
+    prefill, always at full depth). Wall-clock seconds of prefills and of decode passes, the number of tokens the
+    decode passes produced and the row-passes they computed (a row per busy row and recurrent step)."""
 
     tokens: list[list[int]]
     logprobs: list[list[float]]
@@ -237,6 +253,7 @@ class GenerationResult:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     decode_tokens: int = 0
+    computed_row_steps: int = 0
 
     @property
     def mean_steps(self) -> float:
@@ -256,6 +273,7 @@ class _Run:
     state_seeds: list[int]
     sampling_seeds: list[int]
     sampling: LogitsProcessorList | None
+    temperature: float  # of the reported log-probs: the sampling temperature, 1 when greedy
     num_steps: int
     row_prompt: list[int | None]
     row_length: list[int]
@@ -275,81 +293,98 @@ class HuginnEngine:
     PEFT LoRA). The engine owns a KV cache of `max_batch_size` rows x `max_length` tokens with `kv_cache_slots` core
     slots, and step buffers; `generate` can be called many times. `exit_threshold`: None runs every token at full
     depth; a float enables the KL exit (0 never exits and gives the fixed-depth tokens exactly). `cuda_graphs`:
-    default on CUDA; True on a CPU runs the same fixed-shape phases without recording them (tests use it)."""
+    default on CUDA; True on a CPU runs the same fixed-shape phases without recording them (tests use it).
+
+    Eager (no graphs), a pass computes only the busy rows: when no prompt is left to start, busy rows move to the
+    front of the cache, and with adaptive exit each step computes only the rows still recurring. Graphs replay at
+    the full batch, so there exited and free rows cost as much as busy ones; adaptive exit then saves time only when
+    every row of a pass has exited."""
 
     def __init__(self, model, max_batch_size: int, max_length: int, kv_cache_slots: int = 1,
-                 exit_threshold: float | None = None, cuda_graphs: bool | None = None):
+                 exit_threshold: float | None = None, cuda_graphs: bool | None = None, init_state: str = "random"):
         self.model = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: LoRA stays active
         self.config = self.model.config
         dtype, self.device = self.model.transformer.wte.weight.dtype, self.model.transformer.wte.weight.device
         self.max_batch_size, self.max_length = max_batch_size, max_length
-        self.exit_threshold = exit_threshold
+        self.exit_threshold, self.init_state = exit_threshold, init_state
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.buf = _StepBuffers.allocate(self.config, max_batch_size, max_length, dtype, self.device)
         self.cache = EngineKVCache(self.config, max_batch_size, max_length, kv_cache_slots, dtype, self.device,
                                    positions=self.buf.positions, write_rows=self.buf.running)
+        self.width = max_batch_size  # a pass computes rows [0, width): all of them with graphs, the busy ones eager
+        self.rows: slice | torch.Tensor = slice(None)  # the rows the current phase computes (see EngineKVCache)
         self._phases = None  # name -> callable running one phase of a decode pass (a graph replay on CUDA)
+
+    def close(self) -> None:
+        """Frees the KV cache, step buffers and recorded phases now; the engine is unusable after. (The phases refer
+        back to the engine, so without this only the garbage collector frees them, a slow full collection.)"""
+        self._phases = self.buf = self.cache = None
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of the KV cache this engine allocated (keys and values)."""
+        return 2 * self.cache.keys.numel() * self.cache.keys.element_size()
 
     # --- one decode pass, in phases that read and write only the step buffers and the cache ---------------------
 
+    def _select(self, rows: slice | torch.Tensor) -> None:
+        self.rows = self.cache.rows = rows
+
     @property
     def _rope(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.buf.cos, self.buf.sin
+        return self.buf.cos[self.rows], self.buf.sin[self.rows]
 
     @property
     def _mask(self) -> torch.Tensor:
-        return self.buf.mask[..., :self.cache.kv_len]  # (batch, 1, 1, kv_len)
+        return self.buf.mask[self.rows, ..., :self.cache.kv_len]  # (rows, 1, 1, kv_len)
 
     def _begin_token(self) -> None:
         """Embed each row's token, run the prelude (caching it), draw each row's initial state."""
-        buf, transformer = self.buf, self.model.transformer
-        positions = buf.positions[:, None]  # (batch, 1)
+        buf, rows, transformer = self.buf, self.rows, self.model.transformer
+        positions = buf.positions[rows, None]  # (rows, 1)
         cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_base)
-        buf.cos.copy_(cos)
-        buf.sin.copy_(sin)
+        buf.cos[rows], buf.sin[rows] = cos, sin
         key_positions = torch.arange(self.max_length, device=self.device)
-        buf.mask.copy_((key_positions <= positions)[:, None, None])  # (batch, 1, 1, max_length)
-        buf.running.copy_(buf.occupied)
-        buf.steps.zero_()
-        buf.log_probs.fill_(-math.log(self.config.padded_vocab_size))  # uniform before the first step, as the authors
-        x = transformer.wte(buf.tokens[:, None]) * self.config.init_values["embed_scale"]  # (batch, 1, n_embd)
-        for block_idx, block in enumerate(transformer.prelude):
-            x = block(x, self._rope, self._mask, self.cache, self.cache.prelude_layer(block_idx))
-        buf.embedded.copy_(x)
-        buf.state.copy_(transformer.initial_state(x, positions, "random", buf.state_seeds))
+        buf.mask[rows] = (key_positions <= positions)[:, None, None]  # (rows, 1, 1, max_length)
+        buf.running[rows] = buf.occupied[rows]
+        buf.steps[rows] = 0
+        buf.log_probs[rows] = -math.log(self.config.padded_vocab_size)  # uniform before the first step, as the authors
+        embedded = transformer.prelude_pass(transformer.wte(buf.tokens[rows, None]), self._rope, self._mask, self.cache)
+        buf.embedded[rows] = embedded  # (rows, 1, n_embd)
+        buf.state[rows] = transformer.initial_state(embedded, positions, self.init_state, buf.state_seeds[rows])
 
     def _core_step(self, slot: int) -> None:
         """One recurrent step for the running rows (it writes core slot `slot`); exited rows keep their state."""
-        buf = self.buf
-        new_state = self.model.transformer.core_step(buf.state, buf.embedded, self._rope, self._mask, self.cache, slot)
-        buf.state.copy_(torch.where(buf.running[:, None, None], new_state, buf.state))
-        buf.steps.add_(buf.running)
+        buf, rows = self.buf, self.rows
+        state = buf.state[rows]
+        new_state = self.model.transformer.core_step(state, buf.embedded[rows], self._rope, self._mask, self.cache,
+                                                     slot)
+        running = buf.running[rows]
+        buf.state[rows] = torch.where(running[:, None, None], new_state, state)
+        buf.steps[rows] = buf.steps[rows] + running
         if self.exit_threshold is not None:
             self._check_exit()
 
     def _check_exit(self) -> None:
         """Coda and head on the new states; a row whose next-token distribution moved less than the threshold stops.
         Its logits and coda cache entries (written only while it runs) are those of its final state."""
-        buf = self.buf
+        buf, rows = self.buf, self.rows
         logits = self._coda_head()
-        log_probs = logits.log_softmax(-1)
-        kl = (buf.log_probs.exp() * (buf.log_probs - log_probs)).sum(-1).clamp(min=0)  # (batch,) KL(prev || new)
-        buf.logits.copy_(torch.where(buf.running[:, None], logits, buf.logits))
-        buf.log_probs.copy_(log_probs)
-        buf.running.logical_and_(kl >= self.exit_threshold)
+        log_probs, previous, running = logits.log_softmax(-1), buf.log_probs[rows], buf.running[rows]
+        kl = (previous.exp() * (previous - log_probs)).sum(-1).clamp(min=0)  # (rows,) KL(previous || new)
+        buf.logits[rows] = torch.where(running[:, None], logits, buf.logits[rows])
+        buf.log_probs[rows] = log_probs
+        buf.running[rows] = running & (kl >= self.exit_threshold)
 
     def _coda_head(self) -> torch.Tensor:
-        transformer = self.model.transformer
-        x = transformer.ln_f(self.buf.state)
-        for block_idx, block in enumerate(transformer.coda):
-            x = block(x, self._rope, self._mask, self.cache, self.cache.coda_layer(block_idx))
-        return self.model.lm_head(transformer.ln_f(x))[:, 0].float()  # (batch, vocab)
+        hidden = self.model.transformer.coda_pass(self.buf.state[self.rows], self._rope, self._mask, self.cache)
+        return self.model.lm_head(hidden)[:, 0].float()  # (rows, vocab)
 
     def _end_token(self) -> None:
         if self.exit_threshold is None:
-            self.buf.logits.copy_(self._coda_head())
+            self.buf.logits[self.rows] = self._coda_head()
         else:  # _check_exit ran the coda and head; with several slots, fill the slots early exits skipped
-            self.cache.repeat_latest_slot(self.buf.steps)
+            self.cache.repeat_latest_slot(self.buf.steps[self.rows])
 
     def _prepare_phases(self) -> None:
         """The phases as callables (in the model's eval mode: dropout would be recorded into every replay); on CUDA,
@@ -362,33 +397,55 @@ class HuginnEngine:
             phases["end"] = self._end_token
         if self.cuda_graphs and self.device.type == "cuda":
             self.buf.occupied.zero_()
+            self._select(slice(None))
             phases = _record_cuda_graphs(phases)
         self._phases = phases
 
-    def _decode_pass(self, num_steps: int) -> None:
+    def _decode_pass(self, num_steps: int) -> int:
+        """One token for rows [0, width); returns the row-steps computed."""
+        prefix = slice(None) if self.cuda_graphs else slice(0, self.width)
+        self._select(prefix)
         self._phases["begin"]()
+        computed = 0
         for step in range(num_steps):
             self._phases[step % self.cache.num_step_slots]()
-            if self.exit_threshold is not None and not bool(self.buf.running.any()):
-                break  # every row has exited (one host sync per step, only with adaptive exit)
+            computed += self.width if isinstance(self.rows, slice) else len(self.rows)
+            if self.exit_threshold is not None:  # one host sync per step, only with adaptive exit
+                running = self.buf.running[prefix]
+                if not bool(running.any()):
+                    break
+                if not self.cuda_graphs and not bool(running.all()):
+                    self._select(running.nonzero()[:, 0])  # exited rows cost nothing more
+        self._select(prefix)
         if "end" in self._phases:
             self._phases["end"]()
+        return computed
 
     # --- scheduling -------------------------------------------------------------------------------------------
 
     def _prefill(self, run: _Run, rows: list[int]) -> torch.Tensor:
         """Run the prompts of `rows` through the model's own forward (right-padded, full depth), caching them in
-        their rows at positions 0..len-1; returns their next-token logits (len(rows), vocab)."""
-        prompts = [run.prompts[run.row_prompt[row]] for row in rows]
-        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
-        ids = nn.utils.rnn.pad_sequence([torch.tensor(p) for p in prompts], batch_first=True).to(self.device)
-        attention_mask = torch.arange(ids.shape[1], device=self.device) < lengths[:, None]  # (rows, width)
-        seeds = torch.tensor([run.state_seeds[run.row_prompt[row]] for row in rows], device=self.device)
-        view = _PrefillView(self.cache, torch.tensor(rows, device=self.device))
-        hidden = self.model.transformer(ids, attention_mask=attention_mask.long(), past_key_values=view,
-                                        use_cache=True, num_steps=run.num_steps, state_seeds=seeds).last_hidden_state
-        last = hidden[torch.arange(len(rows), device=self.device), lengths - 1]  # (rows, n_embd)
-        return self.model.lm_head(last).float()
+        their rows at positions 0..len-1; returns their next-token logits (len(rows), vocab). Rows with the same
+        prompt and initial-state seed (e.g. GRPO's samples of one prompt) share one prefill, copied."""
+        keys = [(tuple(run.prompts[run.row_prompt[row]]), run.state_seeds[run.row_prompt[row]]) for row in rows]
+        first = {}  # (prompt, state seed) -> the row that prefills it
+        for row, key in zip(rows, keys):
+            first.setdefault(key, row)
+        unique = list(first)
+        lengths = torch.tensor([len(prompt) for prompt, _ in unique], device=self.device)
+        ids = nn.utils.rnn.pad_sequence([torch.tensor(prompt) for prompt, _ in unique], batch_first=True)
+        attention_mask = torch.arange(ids.shape[1], device=self.device) < lengths[:, None]  # (unique, width)
+        seeds = torch.tensor([seed for _, seed in unique], device=self.device)
+        view = _PrefillView(self.cache, torch.tensor(list(first.values()), device=self.device))
+        hidden = self.model.transformer(ids.to(self.device), attention_mask=attention_mask.long(),
+                                        past_key_values=view, use_cache=True, num_steps=run.num_steps,
+                                        init_state=self.init_state, state_seeds=seeds).last_hidden_state
+        logits = self.model.lm_head(hidden[torch.arange(len(unique), device=self.device), lengths - 1]).float()
+        index = {key: i for i, key in enumerate(unique)}
+        for row, key in zip(rows, keys):
+            if first[key] != row:
+                self.cache.copy_row(first[key], row, len(key[0]))
+        return logits[[index[key] for key in keys]]
 
     def _decode(self, run: _Run, rows: list[int]) -> tuple[torch.Tensor, list[int]]:
         """One token for every busy row; returns their logits (len(rows), vocab) and recurrent steps."""
@@ -397,12 +454,23 @@ class HuginnEngine:
         buf.positions.copy_(torch.tensor(run.row_length))
         buf.state_seeds.copy_(torch.tensor([run.state_seeds[p] if p is not None else 0 for p in run.row_prompt]))
         buf.occupied.copy_(torch.tensor([p is not None for p in run.row_prompt]))
-        if not self.cuda_graphs:  # eager: attend over the longest busy row only
+        if not self.cuda_graphs:  # eager: the busy rows only, attending over the longest of them
+            self.width = rows[-1] + 1
             self.cache.kv_len = max(run.row_length[row] for row in rows) + 1
-        self._decode_pass(run.num_steps)
+        run.result.computed_row_steps += self._decode_pass(run.num_steps)
         for row in rows:
             run.row_length[row] += 1
         return buf.logits[rows], buf.steps[rows].tolist()
+
+    def _compact(self, run: _Run) -> None:
+        """The busy rows move to the front (each move copies one row's cache), so eager passes compute only as many
+        rows as are busy."""
+        busy = run.busy_rows()
+        free = [row for row in range(len(busy)) if run.row_prompt[row] is None]
+        for target, source in zip(free, [row for row in busy if row >= len(busy)]):
+            self.cache.copy_row(source, target, run.row_length[source])
+            for column in (run.row_prompt, run.row_length, run.row_token):
+                column[target], column[source] = column[source], column[target]
 
     def _emit(self, run: _Run, rows: list[int], logits: torch.Tensor, steps: list[int]) -> int:
         """Choose and record the next token of each of `rows`; free the rows whose prompt is done. Returns how many
@@ -413,7 +481,7 @@ class HuginnEngine:
         else:
             seeds = torch.tensor([run.sampling_seeds[run.row_prompt[row]] for row in rows], device=self.device)
             chosen = (run.sampling(None, logits) + gumbel_noise(seeds, positions, logits.shape[-1])).argmax(-1)
-        logprobs = logits.log_softmax(-1).gather(1, chosen[:, None])[:, 0]
+        logprobs = (logits / run.temperature).log_softmax(-1).gather(1, chosen[:, None])[:, 0]
         finished = 0
         for row, token, logprob, used in zip(rows, chosen.tolist(), logprobs.tolist(), steps):
             prompt = run.row_prompt[row]
@@ -453,11 +521,16 @@ class HuginnEngine:
             prompts=prompts, budgets=budgets, eos=set(eos if isinstance(eos, list) else [eos]),
             state_seeds=state_seeds or _seeds(len(prompts), generator, default_seed),
             sampling_seeds=sampling_seeds or _seeds(len(prompts), generator),
-            sampling=sampling_warpers(temperature, top_k, top_p) if do_sample else None, num_steps=num_steps,
+            sampling=sampling_warpers(temperature, top_k, top_p) if do_sample else None,
+            temperature=temperature if do_sample and temperature else 1.0, num_steps=num_steps,
             row_prompt=[None] * self.max_batch_size, row_length=[0] * self.max_batch_size,
             row_token=[0] * self.max_batch_size,
         )
         queue = deque(range(len(prompts)))
+        # Free rows wait for a few more before new prompts are prefilled together: one prefill per freed row would
+        # cost a whole-depth forward's overhead each time, while a waiting free row costs nothing (eager: compacted
+        # away) or little (graphs: masked).
+        refill_rows = max(1, self.max_batch_size // REFILL_FRACTION)
         was_training = self.model.training
         self.model.eval()  # no LoRA dropout, in the phases recorded below too
         try:
@@ -467,13 +540,15 @@ class HuginnEngine:
                 while queue or run.busy_rows():
                     start = time.perf_counter()
                     free = [row for row, prompt in enumerate(run.row_prompt) if prompt is None][:len(queue)]
-                    if free:
+                    if free and (len(free) >= refill_rows or len(free) == len(queue) or not run.busy_rows()):
                         for row in free:
                             run.row_prompt[row] = queue.popleft()
                             run.row_length[row] = len(prompts[run.row_prompt[row]])
                         bar.update(self._emit(run, free, self._prefill(run, free), [num_steps] * len(free)))
                         run.result.prefill_seconds += time.perf_counter() - start  # _emit ends in a host sync
                         continue
+                    if not self.cuda_graphs:
+                        self._compact(run)
                     rows = run.busy_rows()
                     bar.update(self._emit(run, rows, *self._decode(run, rows)))
                     run.result.decode_seconds += time.perf_counter() - start

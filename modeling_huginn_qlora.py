@@ -453,7 +453,25 @@ class HuginnModel(HuginnPreTrainedModel):
         scale = self.config.init_values["std"] * self.config.init_values["embed_scale"]
         return (noise * scale).to(embedded.dtype)
 
+    # The three stages of a forward. HuginnModel.forward and generation.HuginnEngine's decode phases both run them,
+    # so the recurrence has one implementation. Shapes: (batch, seq, n_embd); rope and attn_mask as in forward.
+
+    def prelude_pass(self, inputs_embeds, rope, attn_mask, cache) -> torch.Tensor:
+        """Scaled embeddings through the prelude blocks: the input `embedded` that every recurrent step re-reads."""
+        x = inputs_embeds * self.config.init_values["embed_scale"]
+        for block_idx, block in enumerate(self.prelude):
+            x = block(x, rope, attn_mask, cache, cache.prelude_layer(block_idx) if cache is not None else 0)
+        return x
+
+    def coda_pass(self, state, rope, attn_mask, cache) -> torch.Tensor:
+        """The final recurrent state, normalised, through the coda blocks and the final norm again."""
+        x = self.ln_f(state)
+        for block_idx, block in enumerate(self.coda):
+            x = block(x, rope, attn_mask, cache, cache.coda_layer(block_idx) if cache is not None else 0)
+        return self.ln_f(x)
+
     def core_step(self, state, embedded, rope, attn_mask, cache, step: int) -> torch.Tensor:
+        """One recurrent step: the adapter mixes state and input, then the core blocks (cache slot of `step`)."""
         state = self.adapter(torch.cat([state, embedded], dim=-1))
         for block_idx, block in enumerate(self.core_block):
             layer = cache.core_layer(step, block_idx) if cache is not None else 0
@@ -493,27 +511,20 @@ class HuginnModel(HuginnPreTrainedModel):
         input_states (batch, seq, n_embd) starts the recurrence instead of `init_state` ("random" or "zero")."""
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)
-        x = inputs_embeds * self.config.init_values["embed_scale"]
-        batch, seq = x.shape[:2]
+        batch, seq = inputs_embeds.shape[:2]
         cache = past_key_values if use_cache is not False else None
         past = cache.length if cache is not None else 0
         if position_ids is None:
-            position_ids = default_position_ids(attention_mask, batch, past, seq, x.device)
+            position_ids = default_position_ids(attention_mask, batch, past, seq, inputs_embeds.device)
         rope = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_base)
-        attn_mask = build_attention_mask(attention_mask, past, seq, x.device)
+        attn_mask = build_attention_mask(attention_mask, past, seq, inputs_embeds.device)
 
-        for block_idx, block in enumerate(self.prelude):
-            x = block(x, rope, attn_mask, cache, cache.prelude_layer(block_idx) if cache is not None else 0)
-        embedded = x
+        embedded = self.prelude_pass(inputs_embeds, rope, attn_mask, cache)
         state = input_states if input_states is not None else self.initial_state(
             embedded, position_ids, init_state, state_seeds)
         steps = self.resolve_num_steps(num_steps)
         state = self.recur(state.to(embedded.dtype), embedded, rope, attn_mask, cache, *steps)
-
-        x = self.ln_f(state)
-        for block_idx, block in enumerate(self.coda):
-            x = block(x, rope, attn_mask, cache, cache.coda_layer(block_idx) if cache is not None else 0)
-        x = self.ln_f(x)
+        x = self.coda_pass(state, rope, attn_mask, cache)
         if cache is not None:
             cache.length += seq
         self.last_num_steps = steps  # read by training callbacks that log the sampled depth

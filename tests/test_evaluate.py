@@ -84,7 +84,7 @@ def test_tiny_run_writes_results_samples_and_plot(tiny_run):
     assert plan["budget_source"].endswith("at start") and set(plan["by_num_steps"]) == {"1", "4"}
     assert plan["by_num_steps"]["4"]["cache_bytes"] == kv_cache_bytes(
         AutoConfig.from_pretrained(resolve_model_path("tiny-huginn")), 8,
-        plan["longest_prompt_tokens"] + 12, 4, torch.float32)
+        plan["longest_prompt_tokens"] + 12 + 1, 4, torch.float32)  # the engine's scratch position per row
     example = results["prompt"]["examples"]["gsm8k_test"]
     assert example.startswith("<|begin_text|><|begin_header|>system<|end_header|>\n\n" + data.SYSTEM_PROMPT)
     assert example.endswith(data.ANSWER_INSTRUCTION + "<|end_turn|><|begin_header|>Huginn<|end_header|>\n\n")
@@ -366,7 +366,7 @@ def test_shared_slots_only_when_one_exact_row_does_not_fit(published_config):
 def test_memory_budget_lowers_the_batch_and_keeps_greedy_completions(tiny_data, tiny_run, tmp_path):
     config = AutoConfig.from_pretrained(resolve_model_path("tiny-huginn"))
     prompt_length = json.loads((tiny_run / "results.json").read_text())["memory_plan"]["longest_prompt_tokens"]
-    three_rows = (kv_cache_bytes(config, 3, prompt_length + 12, 4, torch.float32)
+    three_rows = (kv_cache_bytes(config, 3, prompt_length + 12 + 1, 4, torch.float32)
                   + prefill_activation_bytes(config, 3, prompt_length, torch.float32))
     budget = (model_weight_bytes(config, torch.float32) + three_rows) / MEMORY_HEADROOM
     main(tiny_args(tiny_data, tmp_path, max_memory_gb=budget / 1e9 * 1.001))

@@ -16,6 +16,7 @@ from generation import (
     generation_copy,
     kv_cache_bytes_per_token,
     pick_generation_model,
+    plan_generation_memory,
 )
 from modeling_huginn_qlora import HuginnConfig, HuginnForCausalLM
 from tiny import build_tiny_default
@@ -94,9 +95,10 @@ def test_sampling_is_independent_of_batch_and_seeded(model):
     assert top_1.tokens == greedy.tokens
 
 
-def test_logprobs_are_the_untempered_model_scores(model):
+def test_logprobs_are_the_model_scores_at_the_sampling_temperature(model):
     """What GRPO's importance ratio needs: scoring the sampled sequence in one forward (same depth and seed; one
-    cache slot per step, so decoding is exact) reproduces the log-probabilities the engine reports."""
+    cache slot per step, so decoding is exact) at the sampling temperature, as TRL's loss does, reproduces the
+    log-probabilities the engine reports."""
     prompt, seed = random_prompts([6], seed=3)[0], 5
     result = HuginnEngine(model, 1, 16, kv_cache_slots=3).generate(
         [prompt], num_steps=3, max_new_tokens=6, eos_token_ids=[NEVER], state_seeds=[seed], do_sample=True,
@@ -104,8 +106,43 @@ def test_logprobs_are_the_untempered_model_scores(model):
     sequence = torch.tensor([prompt + result.tokens[0]])
     with torch.no_grad():
         logits = model(sequence, num_steps=3, state_seeds=torch.tensor([seed])).logits[0]
-    scored = logits[len(prompt) - 1:-1].log_softmax(-1).gather(1, sequence[0, len(prompt):, None])[:, 0]
+    scored = (logits[len(prompt) - 1:-1] / 0.7).log_softmax(-1).gather(1, sequence[0, len(prompt):, None])[:, 0]
     assert torch.allclose(scored, torch.tensor(result.logprobs[0]), atol=1e-5)
+
+
+def test_samples_of_one_prompt_share_its_prefill_and_equal_separate_runs(model, monkeypatch):
+    """GRPO's rollouts: each prompt 4 times, with one initial-state seed and 4 sampling seeds. The engine prefills
+    each prompt once (copying its cache rows), and every sample equals that prompt sampled alone."""
+    prompts = random_prompts([6, 9], seed=11)
+    repeated, sampling_seeds = [p for p in prompts for _ in range(4)], list(range(20, 28))
+    kwargs = dict(num_steps=3, max_new_tokens=6, eos_token_ids=[NEVER], do_sample=True, temperature=1.0)
+    prefilled = []
+    forward = model.transformer.forward
+    monkeypatch.setattr(model.transformer, "forward",
+                        lambda *args, **kw: (prefilled.append(len(kw["state_seeds"])), forward(*args, **kw))[1])
+    together = HuginnEngine(model, 8, 24).generate(repeated, state_seeds=[3] * 8, sampling_seeds=sampling_seeds,
+                                                   **kwargs)
+    assert prefilled == [2]  # one prefill of the two distinct prompts
+    alone = [HuginnEngine(model, 1, 24).generate([prompt], state_seeds=[3], sampling_seeds=[seed], **kwargs)
+             for prompt, seed in zip(repeated, sampling_seeds)]
+    assert together.tokens == [result.tokens[0] for result in alone]
+    assert len({tuple(tokens) for tokens in together.tokens}) > 2  # the samples differ
+
+
+def test_eager_passes_compute_only_busy_and_recurring_rows(model):
+    """Finished prompts leave the computed rows (busy rows move to the front), and with adaptive exit each step
+    computes only the rows still recurring; fixed-shape passes compute every row (what CUDA graphs replay)."""
+    prompts, seeds = random_prompts(LENGTHS, seed=12), list(range(7))
+    kwargs = dict(num_steps=4, max_new_tokens=BUDGETS, eos_token_ids=[NEVER], state_seeds=seeds)
+    eager = HuginnEngine(model, 4, 24).generate(prompts, **kwargs)
+    assert eager.computed_row_steps == 4 * eager.decode_tokens
+    fixed_shape = HuginnEngine(model, 4, 24, cuda_graphs=True).generate(prompts, **kwargs)
+    assert fixed_shape.tokens == eager.tokens and fixed_shape.computed_row_steps > eager.computed_row_steps
+    assert fixed_shape.computed_row_steps % (4 * 4) == 0  # 4 rows x 4 steps per pass
+    kwargs["num_steps"] = 16
+    adaptive = HuginnEngine(model, 4, 32, exit_threshold=DEFAULT_EXIT_THRESHOLD).generate(prompts, **kwargs)
+    assert adaptive.computed_row_steps == sum(sum(steps[1:]) for steps in adaptive.steps_used)
+    assert adaptive.computed_row_steps < 0.8 * 16 * adaptive.decode_tokens
 
 
 def test_fixed_shape_phases_equal_eager(model):
@@ -182,6 +219,9 @@ def test_kv_cache_bytes_per_token(model):
     assert kv_cache_bytes_per_token(HuginnConfig(), 32) == 2_787_840  # one slot per step: 132 layers
     engine = HuginnEngine(model, 2, 8, kv_cache_slots=3)
     assert engine.cache.nbytes_per_token() == kv_cache_bytes_per_token(model.config, 3, torch.float32)
+    plan = plan_generation_memory(model.config, 1e9, 2, 5, 3, num_steps=3, kv_cache_slots=3, dtype=torch.float32,
+                                  engine=True)
+    assert engine.cache_bytes == plan.cache_bytes  # what the memory plan counts for 2 rows of 5 + 3 tokens
 
 
 @pytest.fixture(scope="module")
