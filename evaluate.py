@@ -30,8 +30,8 @@ Benchmark names: gsm8k (openai/gsm8k main test, 1319), math500 (HuggingFaceH4/MA
 Memory: per depth, the largest batch up to --batch_size whose weights, KV cache and activations fit the budget
 (--max_memory_gb, else the free GPU memory at start; on CPU the available RAM), with exact KV caches (one slot per
 step) unless not even one row fits (generation.plan_generation_memory); --kv_cache_slots k shares slots instead.
-Decoding: generation.HuginnEngine, one per checkpoint and plan, continuously batched (a finished row takes the next
-problem), CUDA graphs on GPU.
+Decoding: generation.HuginnEngine, one per checkpoint and plan, continuously batched over the whole benchmark (a
+finished row takes the next problem), CUDA graphs on GPU.
 
 Outputs in output_dir: results.json (accuracy with Wilson 95% interval per checkpoint x benchmark x steps, GSM8K's
 lm-eval strict/flexible scores with gsm8k_cot prompts, tokens, speed, the memory plan, config, prompt, versions, git
@@ -83,13 +83,11 @@ LM_EVAL_STRICT = re.compile(r"The answer is (-?[0-9.,]+).")
 LM_EVAL_FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
 LM_EVAL_IGNORE = (r",", r"\$", r"(?s).*#### ", r"\.$")
 
-# A generation backend: (requests, num_steps, kv_cache_slots) -> one {"completion", "num_tokens", "finished"} per
-# request (kv_cache_slots None: one slot per step). A request holds "id", "sample", "seed", "prompt" and the gold
-# "problem", "solution", "answer" (stand-ins may use them).
-Backend = Callable[[list[dict], int, int | None], list[dict]]
-# Requests per backend call, in planned batches: the engine keeps its rows busy across a call (continuous batching),
-# and samples are written after each call, so an interruption loses at most one call's work.
-CHUNK_BATCHES = 8
+# A generation backend: (requests, num_steps, kv_cache_slots, on_done) calls on_done(index, {"completion",
+# "num_tokens", "finished"}) for each request as it finishes, in any order (kv_cache_slots None: one slot per step).
+# A request holds "id", "sample", "seed", "prompt" and the gold "problem", "solution", "answer" (stand-ins may use
+# them).
+Backend = Callable[[list[dict], int, int | None, Callable[[int, dict], None]], None]
 
 
 @dataclass
@@ -211,8 +209,8 @@ def memory_plans(args: EvalArguments, prompt_length: int) -> tuple[dict[int, Mem
 
 class HuginnBackend:
     """Generation with huginn, plus an optional LoRA adapter (merged unless NF4), through generation.HuginnEngine:
-    continuous batching over each call's requests (a finished row takes the next problem; greedy completions do
-    not depend on the batch), at each depth's planned batch size and KV cache mode. One engine per memory plan,
+    continuous batching over a call's requests (a finished row takes the next problem; completions do not depend on
+    the batch), at each depth's planned batch size and KV cache mode. One engine per memory plan,
     kept across calls; `max_prompt_tokens` (the run's longest prompt) sizes its cache."""
 
     def __init__(self, args: EvalArguments, adapter: str | None, plans: dict[int, MemoryPlan], max_prompt_tokens: int):
@@ -245,31 +243,62 @@ class HuginnBackend:
                   "GB planned)", flush=True)
         return self.engine
 
-    def __call__(self, requests: list[dict], num_steps: int, kv_cache_slots: int | None) -> list[dict]:
+    def __call__(self, requests: list[dict], num_steps: int, kv_cache_slots: int | None,
+                 on_done: Callable[[int, dict], None]) -> None:
         args = self.args
         prompts = [self.tokenizer(r["prompt"], add_special_tokens=False).input_ids for r in requests]  # bos in prompt
         seeds = [r["seed"] for r in requests]
-        result = self.engine_for(num_steps, kv_cache_slots).generate(
+        self.engine_for(num_steps, kv_cache_slots).generate(
             prompts, num_steps=num_steps, max_new_tokens=args.max_new_tokens, eos_token_ids=self.eos_ids,
             do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p, state_seeds=seeds,
-            sampling_seeds=seeds)
-        completions = [self.completion(tokens) for tokens in result.tokens]
-        if args.exit_threshold is not None:  # adaptive exit: the steps each completion's tokens used
-            for completion, steps in zip(completions, result.steps_used):
-                completion["mean_steps_used"] = sum(steps) / len(steps)
-        return completions
+            sampling_seeds=seeds, on_finish=lambda index, tokens, steps: on_done(index, self.completion(tokens, steps)))
 
-    def completion(self, ids: list[int]) -> dict:
+    def completion(self, ids: list[int], steps_used: list[int]) -> dict:
         end = next((i for i, token in enumerate(ids) if token in self.eos_ids), None)
         kept = ids if end is None else ids[:end]
-        return {"completion": self.tokenizer.decode(kept, skip_special_tokens=True),
-                "num_tokens": len(ids) if end is None else end + 1, "finished": end is not None}
+        completion = {"completion": self.tokenizer.decode(kept, skip_special_tokens=True),
+                      "num_tokens": len(ids) if end is None else end + 1, "finished": end is not None}
+        if self.args.exit_threshold is not None:  # adaptive exit: the steps its tokens used
+            completion["mean_steps_used"] = sum(steps_used) / len(steps_used)
+        return completion
 
 
 def stand_in(complete: Callable[[dict], str]) -> Backend:
     """A Backend from a function request -> completion (an oracle, a fake model in tests); it generates no tokens."""
-    return lambda requests, num_steps, kv_cache_slots: [
-        {"completion": complete(r), "num_tokens": 0, "finished": True} for r in requests]
+    def backend(requests, num_steps, kv_cache_slots, on_done):
+        for index, request in enumerate(requests):
+            on_done(index, {"completion": complete(request), "num_tokens": 0, "finished": True})
+
+    return backend
+
+
+class SampleSink:
+    """Where finished samples go: scored in groups of `group_size` (grading is batched), appended to samples.jsonl
+    and flushed, so an interruption loses at most one group. A sample's `seconds` is the generation time since the
+    previous one finished: under continuous batching they sum to the whole generation time."""
+
+    def __init__(self, file, records: dict, progress: tqdm, is_gsm8k: bool, args: EvalArguments, group_size: int):
+        self.file, self.records, self.progress = file, records, progress
+        self.is_gsm8k, self.args, self.group_size = is_gsm8k, args, group_size
+        self.pending, self.clock = [], time.perf_counter()
+
+    def add(self, request: dict, completion: dict) -> None:
+        now = time.perf_counter()
+        self.pending.append((dict(request, seconds=now - self.clock), completion))
+        self.clock = now
+        if len(self.pending) >= self.group_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        requests, completions = zip(*self.pending)
+        for record in score(list(requests), list(completions), self.is_gsm8k, self.args):
+            self.file.write(json.dumps(record) + "\n")
+            self.records[record_key(record)] = record
+        self.file.flush()
+        self.progress.update(len(self.pending))
+        self.pending, self.clock = [], time.perf_counter()  # grading time is not generation time
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -548,7 +577,7 @@ def main(args: EvalArguments, backends: dict[str, Backend] | None = None) -> lis
     print(f"{len(wanted)} samples wanted, {len(records)} already in {samples_path}, {len(pending)} to generate")
 
     progress = tqdm(total=len(pending), desc="generating", unit="sample", dynamic_ncols=True)
-    with open(samples_path, "a", encoding="utf-8") as sink:
+    with open(samples_path, "a", encoding="utf-8") as samples_file:
         for checkpoint, adapter in checkpoints.items():
             todo = [key for key in pending if key[0] == checkpoint]
             if not todo:
@@ -559,20 +588,12 @@ def main(args: EvalArguments, backends: dict[str, Backend] | None = None) -> lis
                 for label in problems:
                     group = [key for key in todo if key[1:3] == (label, steps)]
                     group.sort(key=lambda key: -len(rows_by_id[label, key[3]]["prompt"]))  # long ones first
-                    chunk = plan.batch_size * CHUNK_BATCHES
-                    for start in range(0, len(group), chunk):
-                        batch = [dict(rows_by_id[label, id_], checkpoint=checkpoint, benchmark=label, steps=steps,
-                                      sample=sample, key=key, seed=stable_seed(args.seed, label, id_, sample))
-                                 for _, _, _, id_, sample, key in group[start:start + chunk]]
-                        began = time.perf_counter()
-                        completions = backend(batch, steps, plan.kv_cache_slots)
-                        for request in batch:  # the chunk's time, shared by its samples
-                            request["seconds"] = (time.perf_counter() - began) / len(batch)
-                        for record in score(batch, completions, is_gsm8k[label], args):
-                            sink.write(json.dumps(record) + "\n")
-                            records[record_key(record)] = record
-                        sink.flush()
-                        progress.update(len(batch))
+                    requests = [dict(rows_by_id[label, id_], checkpoint=checkpoint, benchmark=label, steps=steps,
+                                     sample=sample, key=key, seed=stable_seed(args.seed, label, id_, sample))
+                                for _, _, _, id_, sample, key in group]
+                    sink = SampleSink(samples_file, records, progress, is_gsm8k[label], args, plan.batch_size)
+                    backend(requests, steps, plan.kv_cache_slots, lambda index, done: sink.add(requests[index], done))
+                    sink.flush()
             del backend
             gc.collect()
             if torch.cuda.is_available():

@@ -32,6 +32,7 @@ import os
 import time
 import warnings
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -275,6 +276,7 @@ class _Run:
     sampling: LogitsProcessorList | None
     temperature: float  # of the reported log-probs: the sampling temperature, 1 when greedy
     num_steps: int
+    on_finish: Callable[[int, list[int], list[int]], None] | None
     row_prompt: list[int | None]
     row_length: list[int]
     row_token: list[int]
@@ -491,6 +493,8 @@ class HuginnEngine:
             if token in run.eos or len(run.result.tokens[prompt]) == run.budgets[prompt]:
                 run.row_prompt[row], run.row_length[row] = None, 0
                 finished += 1
+                if run.on_finish is not None:
+                    run.on_finish(prompt, run.result.tokens[prompt], run.result.steps_used[prompt])
             else:
                 run.row_token[row] = token
         return finished
@@ -500,13 +504,15 @@ class HuginnEngine:
                  eos_token_ids: list[int] | None = None, do_sample: bool = False, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, state_seeds: list[int] | None = None,
                  sampling_seeds: list[int] | None = None, generator: torch.Generator | None = None,
-                 progress: bool = False) -> GenerationResult:
+                 progress: bool = False, on_finish: Callable[[int, list[int], list[int]], None] | None = None,
+                 ) -> GenerationResult:
         """New tokens for each prompt (token id lists, any lengths), greedy unless `do_sample`. `num_steps`: recurrent
         steps per token (default: the model's `recurrence_defaults`, else `mean_recurrence`). `max_new_tokens`: one
         budget or one per prompt; prompt + budget must fit `max_length`. `eos_token_ids` (default: the model's
         generation config): a prompt stops at the first. `state_seeds` (initial states; default: the model's
         `recurrence_defaults` seed, else drawn from `generator`) and `sampling_seeds` (default: drawn from
-        `generator`) make each prompt's tokens independent of its batch and row."""
+        `generator`) make each prompt's tokens independent of its batch and row. `on_finish(index, tokens,
+        steps_used)` is called as each prompt finishes (e.g. to write its result before the others end)."""
         transformer = self.model.transformer
         num_steps = sum(transformer.resolve_num_steps(
             num_steps or transformer.default_num_steps or self.config.mean_recurrence))
@@ -522,7 +528,7 @@ class HuginnEngine:
             state_seeds=state_seeds or _seeds(len(prompts), generator, default_seed),
             sampling_seeds=sampling_seeds or _seeds(len(prompts), generator),
             sampling=sampling_warpers(temperature, top_k, top_p) if do_sample else None,
-            temperature=temperature if do_sample and temperature else 1.0, num_steps=num_steps,
+            temperature=temperature if do_sample and temperature else 1.0, num_steps=num_steps, on_finish=on_finish,
             row_prompt=[None] * self.max_batch_size, row_length=[0] * self.max_batch_size,
             row_token=[0] * self.max_batch_size,
         )

@@ -16,9 +16,11 @@ How this departs from GRPO as published (DeepSeekMath, then DeepSeek-R1-Zero):
   exactly 1 before the first update. Exploration comes from sampling, not from the state noise.
 - The KL reference (`beta > 0`): from `--sft_adapter`, the SFT policy (TRL keeps a frozen copy of the adapter, a
   few MB, as its "ref" adapter); from a fresh LoRA, the base model with the adapter disabled.
-- Rollouts return their own per-token log-probs. Where they only approximate the trained forward (shared KV slots,
-  `generation_kwargs: {kv_cache_slots: k}`), each token's loss is weighted by p_trained / p_sampler, capped (TRL's
-  truncated importance sampling, its `vllm_importance_sampling_*` knobs); the mismatch is logged (sampling/kl).
+- Rollouts decode with generation.HuginnEngine (continuous batching, a group's samples share their prompt's
+  prefill, CUDA graphs on GPU) and return their own per-token log-probs. Where they only approximate the trained
+  forward (shared KV slots, `generation_kwargs: {kv_cache_slots: k}`), each token's loss is weighted by
+  p_trained / p_sampler, capped (TRL's truncated importance sampling, its `vllm_importance_sampling_*` knobs); the
+  mismatch is logged (sampling/kl).
 - The policy has no dropout: rollouts sample, and the loss scores, one deterministic policy (an SFT adapter's
   `lora_dropout` is switched off). Trainable weights stay fp32 under an NF4 base (TRL would cast them to bf16).
 - Loss and advantage defaults are TRL's (`loss_type: dapo`-style token-level normalisation, group-scaled
@@ -39,10 +41,10 @@ from peft.utils.other import _set_trainable
 from transformers import set_seed
 from trl import GRPOConfig, GRPOTrainer, ModelConfig
 from trl.models import unwrap_model_for_generation
-from trl.trainer.utils import pad
 
 import data
 import rewards
+from generation import HuginnEngine
 from training import (
     SafeTrainerMixin,
     SafetyArguments,
@@ -79,6 +81,9 @@ class ScriptArguments(SafetyArguments):
         metadata={"help": "from correctness, format, length_penalty; weights: reward_weights"})
     length_penalty_margin: int = field(
         default=64, metadata={"help": "length_penalty falls from 0 to -1 over the last this many tokens"})
+    rollout_batch_size: int | None = field(
+        default=None, metadata={"help": "completions decoded at once (default: all of a round's); lower caps the "
+                                       "rollout KV cache's memory, continuous batching keeps the rows busy"})
     final_norm_learning_rate: float = field(
         default=0.0, metadata={"help": "> 0: also train the final RMSNorm's gain (transformer.ln_f, saved with the "
                                        "adapter) at this rate: the one weight that sets the logits' scale"})
@@ -90,13 +95,17 @@ class HuginnGRPOTrainer(SafeTrainerMixin, GRPOTrainer):
     the interruption safety of training.py, and the rollout/train time split logged."""
 
     def __init__(self, *args, rollout_num_steps: list[int], backprop_steps: int, state_seed: int,
-                 final_norm_learning_rate: float = 0.0, **kwargs):
+                 final_norm_learning_rate: float = 0.0, rollout_batch_size: int | None = None, **kwargs):
         self.final_norm_learning_rate = final_norm_learning_rate
         super().__init__(*args, **kwargs)
         self.rollout_num_steps, self.backprop_steps, self.state_seed = rollout_num_steps, backprop_steps, state_seed
+        self.rollout_batch_size = rollout_batch_size
         self.rollout_seconds, self.loss_tokens = 0.0, 0  # of the current training step, for the time split
         if self.args.use_vllm:
             raise ValueError("use_vllm: vLLM has no Huginn model; rollouts decode with the model itself")
+        if self.min_p is not None or self.repetition_penalty != 1.0:
+            raise ValueError(f"min_p ({self.min_p}) and repetition_penalty ({self.repetition_penalty}): the rollout "
+                             "engine samples with temperature, top_k and top_p only")
         # TRL corrects for a sampler that differs from the trained forward (truncated importance sampling over the
         # sampler's own log-probs, and its mismatch metrics) only on its vLLM path, which it recognises by
         # `use_vllm`. Our rollouts are such a sampler (shared KV slots approximate the exact forward) and
@@ -134,26 +143,32 @@ class HuginnGRPOTrainer(SafeTrainerMixin, GRPOTrainer):
         return huginn_backbone(self.model).recurrence_defaults((depth - with_grad, with_grad), self.state_seed)
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
-        """Completions (cut after their first stop token) and each token's log-probability under the sampling
-        distribution, from the model's cached decode at the round's depth and initial state. TRL repeats each prompt
-        `num_generations` times in a row: each is prefilled once."""
-        grouped = len(prompt_ids) % num_generations == 0 and all(
-            ids == prompt_ids[i - i % num_generations] for i, ids in enumerate(prompt_ids))
-        samples = num_generations if grouped else 1
-        rows = [torch.tensor(ids) for ids in prompt_ids[::samples]]
-        device = self.accelerator.device
-        inputs = {"input_ids": pad(rows, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device),
-                  "attention_mask": pad([torch.ones_like(row) for row in rows], padding_side="left").to(device)}
+        """Completions (up to and including their first stop token) and each token's log-probability at the sampling
+        temperature, decoded by generation.HuginnEngine at the round's depth and initial state: continuous batching
+        over the round's prompts x generations (a prompt's samples share its prefill), one KV slot per step (exact)
+        unless `generation_kwargs: {kv_cache_slots: k}`. Sampling seeds are a function of seed, step and process,
+        so a resumed run samples what an uninterrupted one would. The engine lives for one round: its KV cache is
+        freed before the loss runs."""
+        config, backbone = self.generation_config, huginn_backbone(self.model)
+        depth = sum(backbone.resolve_num_steps(None))  # the round's, from `recurrence`
+        slots = min(getattr(config, "kv_cache_slots", None) or depth, depth)
+        draw = random.Random(f"{self.args.seed}/{self.state.global_step}/{self.accelerator.process_index}/"
+                             f"{self.model.training}")
+        sampling_seeds = [draw.getrandbits(31) for _ in prompt_ids]
         with unwrap_model_for_generation(
                 self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation,
-                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs) as model, torch.no_grad():
-            rollout = model.generate(**inputs, generation_config=self.generation_config, num_return_sequences=samples,
-                                     return_dict_in_generate=True)
-        completions = rollout.sequences[:, inputs["input_ids"].shape[1]:].tolist()
-        logprobs = rollout.logprobs.tolist()
-        stops = set(self.eos_token_ids)
-        lengths = [next((i + 1 for i, token in enumerate(row) if token in stops), len(row)) for row in completions]
-        return ([row[:n] for row, n in zip(completions, lengths)], [row[:n] for row, n in zip(logprobs, lengths)])
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs) as model:
+            rows = min(len(prompt_ids), self.rollout_batch_size or len(prompt_ids))
+            engine = HuginnEngine(model, max_batch_size=rows, kv_cache_slots=slots,
+                                  max_length=max(map(len, prompt_ids)) + self.max_completion_length)
+            try:
+                result = engine.generate(prompt_ids, max_new_tokens=self.max_completion_length,
+                                         eos_token_ids=self.eos_token_ids, do_sample=True,
+                                         temperature=config.temperature, top_p=config.top_p, top_k=config.top_k or 0,
+                                         sampling_seeds=sampling_seeds)
+            finally:
+                engine.close()
+        return result.tokens, result.logprobs
 
     def _generate_and_score_completions(self, inputs):
         depth, start = self.round_depth(), time.perf_counter()
@@ -307,6 +322,7 @@ def build_trainer(script_args: ScriptArguments, training_args: GRPOConfig, model
         reward_funcs=reward_funcs, peft_config=peft_config, rollout_num_steps=script_args.rollout_num_steps,
         backprop_steps=script_args.backprop_steps, state_seed=script_args.state_seed,
         final_norm_learning_rate=script_args.final_norm_learning_rate,
+        rollout_batch_size=script_args.rollout_batch_size,
         max_consecutive_nonfinite=script_args.max_consecutive_nonfinite,
     )
 

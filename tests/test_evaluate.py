@@ -118,6 +118,24 @@ def test_resume_after_kill_gives_same_results(tiny_data, tiny_run, tmp_path):
     assert metrics(output_dir) == metrics(tiny_run)
 
 
+def test_an_interrupted_run_keeps_every_finished_batch_of_samples(tiny_data, tmp_path):
+    """Samples are graded and written a batch at a time as the backend finishes them, in the order they finish."""
+    def dies_after_five(requests, num_steps, kv_cache_slots, on_done):
+        for index in reversed(range(5)):  # finishing in another order than requested
+            on_done(index, {"completion": f"\\boxed{{{requests[index]['answer']}}}", "num_tokens": 1,
+                            "finished": True})
+        raise KeyboardInterrupt
+
+    args = tiny_args(tiny_data, tmp_path, batch_size=2, benchmarks=[str(tiny_data / "math_test.jsonl")])
+    with pytest.raises(KeyboardInterrupt):
+        main(args, backends={"fake": dies_after_five})
+    written = read_lines(tmp_path / "samples.jsonl")
+    assert len(written) == 4 and all(r["correct"] for r in written)  # two batches of 2; the fifth was pending
+    cells = main(args, backends={"fake": stand_in(lambda request: "\\boxed{-1}")})
+    assert len(read_lines(tmp_path / "samples.jsonl")) == 2 * 6  # 6 problems x 2 depths, the 4 reused
+    assert sum(cell["accuracy"] * cell["n"] for cell in cells) == 4
+
+
 def test_changed_setting_generates_new_samples(tiny_data, tiny_run, tmp_path):
     output_dir = tmp_path / "other"
     shutil.copytree(tiny_run, output_dir)

@@ -160,6 +160,29 @@ def test_rollout_and_loss_log_probs_agree_before_any_update(tmp_path):
     assert (other - rollout.logprobs).abs().max() > 1e-3  # the check above can fail
 
 
+def test_rollouts_are_a_function_of_seed_and_step(tmp_path):
+    """The engine's samples depend on (seed, step, process) only: a resumed run redraws what an uninterrupted one
+    drew. A prompt's samples differ from each other (one shared prefill, own sampling seeds)."""
+    trainer = train_grpo.build_trainer(*grpo_args(tmp_path, "--rollout_num_steps", "2"))
+    tokenizer = trainer.processing_class
+    prompt_ids = [tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True,
+                                                return_dict=False) for row in trainer.train_dataset.select(range(2))]
+    grouped = [ids for ids in prompt_ids for _ in range(4)]
+    with trainer.recurrence(2):
+        first, logprobs = trainer._generate_single_turn(grouped, None, None, 4)
+        again, _ = trainer._generate_single_turn(grouped, None, None, 4)
+        trainer.state.global_step += 1
+        later, _ = trainer._generate_single_turn(grouped, None, None, 4)
+    assert first == again and first != later
+    assert len({tuple(c) for c in first[:4]}) > 1 and [len(c) for c in first] == [len(lp) for lp in logprobs]
+    assert all(c[-1] in trainer.eos_token_ids or len(c) == 8 for c in first)  # cut at a stop token or the budget
+
+
+def test_unsupported_sampling_settings_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        train_grpo.build_trainer(*grpo_args(tmp_path, "--repetition_penalty", "1.1"))
+
+
 def test_failing_reward_scores_zero_and_is_counted():
     def flaky_reward(completions, answer, **kwargs):
         if any("boom" in c for c in completions):

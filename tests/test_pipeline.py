@@ -13,14 +13,14 @@ import train_grpo
 from training import parse_args
 
 # Margins (accuracy, 0-1) that seeds 0, 1 and 2 clear (README, "The tiny pipeline and its results"): SFT - base
-# +0.49..+0.56, 8 - 1 steps +0.19..+0.38; GRPO - SFT mean reward at temperature 1 +0.16..+0.24 (40 steps), greedy
-# -0.023..+0.070. A GRPO stage that only kept SFT's model (the earlier LoRA-only recipe: -0.008..+0.020) fails the
-# reward margin.
+# +0.49..+0.56, 8 - 1 steps +0.19..+0.38; GRPO - SFT mean reward at temperature 1 +0.13..+0.21 (40 steps), greedy
+# +0.008..+0.063. A GRPO stage that only kept SFT's model (the earlier LoRA-only recipe: -0.008..+0.020) fails the
+# reward margin; the final norm's gain trained without the KL and LoRA (seed 0: greedy -0.109) fails the greedy one.
 MIN_SFT_OVER_BASE = 0.30
 MIN_DEEP_OVER_SHALLOW = 0.10
 MIN_GRPO_OVER_SFT_REWARD = 0.10
-MIN_GRPO_OVER_SFT_GREEDY = -0.06
-MIN_GRPO_TRAINING_REWARD_RISE = 0.08  # mean of the last 5 steps' reward - the first 5's: +0.18..+0.22 measured
+MIN_GRPO_OVER_SFT_GREEDY = -0.02
+MIN_GRPO_TRAINING_REWARD_RISE = 0.08  # mean of the last 5 steps' reward - the first 5's: +0.16..+0.19 measured
 
 
 @pytest.fixture(scope="module")
@@ -89,12 +89,13 @@ def first_token_bandit(digit_ids: set[int], sign: float):
 
 
 def bandit_rates(output_dir, sign: float) -> list[float]:
-    """Per step, the fraction of rollouts whose first token is a bandit digit, training on sign * that."""
+    """Per step, the fraction of rollouts whose first token is a bandit digit, training on sign * that (the
+    pipeline's GRPO settings, but LoRA at 2e-3 and no KL term)."""
     stage_dir = output_dir / f"bandit{sign:+.0f}"
     script_args, training_args, model_args = parse_args(train_grpo.ScriptArguments, train_grpo.GRPOConfig, [
         "--config", str(output_dir / "grpo" / "config.yaml"), "--output_dir", str(stage_dir),
         "--max_steps", str(BANDIT_STEPS), "--max_completion_length", "2", "--reward_weights", "1.0",
-        "--learning_rate", "2e-3", "--logging_steps", "1"])
+        "--learning_rate", "2e-3", "--beta", "0", "--logging_steps", "1"])  # no KL: it would hold the policy near SFT
     tokenizer = data.load_tokenizer(model_args.model_name_or_path)
     digit_ids = set(tokenizer.convert_tokens_to_ids(list(BANDIT_DIGITS)))
     trainer = train_grpo.main(script_args, training_args, model_args,
