@@ -157,16 +157,16 @@ class EngineKVCache(HuginnKVCache):
         self.rows: slice | torch.Tensor = slice(None)
         self.kv_len = self.scratch = max_length
 
-    def _write(self, cache: torch.Tensor, layer: int, new: torch.Tensor, rows_to_write: torch.Tensor) -> None:
-        """new (rows, heads, head_dim) at each of `rows`' position, where rows_to_write (rows,)."""
-        target = torch.where(rows_to_write, self.positions[self.rows], self.scratch)
-        cache[layer, self.row_ids[self.rows], :, target] = new
+    def _targets(self, rows_to_write: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where `rows`' new entries go: (cache row ids, positions), each (rows,); a row not in rows_to_write (rows,)
+        writes to the scratch position."""
+        return self.row_ids[self.rows], torch.where(rows_to_write, self.positions[self.rows], self.scratch)
 
     def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """keys, values (rows, heads, 1, head_dim) -> cached (rows, heads, kv_len, head_dim)."""
-        write = self.write_rows[self.rows]
-        self._write(self.keys, layer, keys[:, :, 0], write)
-        self._write(self.values, layer, values[:, :, 0], write)
+        rows, positions = self._targets(self.write_rows[self.rows])
+        self.keys[layer, rows, :, positions] = keys[:, :, 0]
+        self.values[layer, rows, :, positions] = values[:, :, 0]
         return self.keys[layer, self.rows, :, :self.kv_len], self.values[layer, self.rows, :, :self.kv_len]
 
     def copy_row(self, source: int, target: int, length: int) -> None:
@@ -180,11 +180,11 @@ class EngineKVCache(HuginnKVCache):
         lookup), never a stale entry of the row's previous occupant. `steps_done` (rows,)."""
         rows, positions = self.row_ids[self.rows], self.positions[self.rows]
         for slot in range(1, self.num_step_slots):
-            missing = steps_done <= slot
+            _, targets = self._targets(steps_done <= slot)  # only rows that never reached this slot write
             for block in range(self.num_core):
                 src, dst = self.core_layer(slot - 1, block), self.core_layer(slot, block)
                 for cache in (self.keys, self.values):
-                    self._write(cache, dst, cache[src, rows, :, positions], missing)
+                    cache[dst, rows, :, targets] = cache[src, rows, :, positions]
 
 
 class _PrefillView:
