@@ -622,22 +622,32 @@ def _dense_weight(module: nn.Module) -> torch.Tensor:
     return module.weight
 
 
+def _running_module(module: nn.Module) -> nn.Module:
+    """The module that computes in `module`'s place: a PEFT modules_to_save wrapper (e.g. trained embeddings or a
+    trained final norm) runs its active adapter's copy, or the original when adapters are off."""
+    if not (hasattr(module, "original_module") and hasattr(module, "modules_to_save")):
+        return module
+    active = [name for name in module.active_adapters if name in module.modules_to_save]
+    return module.original_module if module.disable_adapters or not active else module.modules_to_save[active[0]]
+
+
 def generation_copy(model, dtype: torch.dtype = torch.bfloat16) -> HuginnForCausalLM:
     """A plain dense HuginnForCausalLM with the same function as `model` (NF4 weights dequantized, LoRA adapters
-    merged), in `dtype` on the model's device, in eval mode; `model` is left unchanged. While LoRA trains, the copy
-    is stale after every optimizer step: make a new one per rollout phase."""
+    merged, PEFT's trained module copies in place), in `dtype` on the model's device, in eval mode; `model` is left
+    unchanged. While LoRA trains, the copy is stale after every optimizer step: make a new one per rollout phase."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    tied = base.lm_head.weight is base.transformer.wte.weight
     with torch.device("meta"):
         dense = HuginnForCausalLM(base.config)
-    tensors = {name: tensor for name, tensor in [*base.named_parameters(), *base.named_buffers()]}
+    sources = {}  # dense parameter or buffer name -> the tensor `model` computes with there
     for name, module in dense.named_modules():
-        if isinstance(module, nn.Linear) and not (tied and name == "lm_head"):
-            tensors[f"{name}.weight"] = _dense_weight(base.get_submodule(name))
-    state = {name: (tensors[name].detach().to(dtype) if name != "freqs_cis" else tensors[name].detach())
-             for name in dense.state_dict() if not (tied and name == "lm_head.weight")}
-    dense.load_state_dict(state, strict=not tied, assign=True)
-    if tied:
+        source = _running_module(base.get_submodule(name)) if name else base
+        for key, _ in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            dense_linear = isinstance(module, nn.Linear) and key == "weight"
+            sources[f"{name}.{key}" if name else key] = _dense_weight(source) if dense_linear else getattr(source, key)
+    state = {name: tensor.detach().to(dtype) if name != "freqs_cis" else tensor.detach()
+             for name, tensor in sources.items()}
+    dense.load_state_dict(state, strict=True, assign=True)  # assigning unties lm_head from wte ...
+    if sources["lm_head.weight"] is sources["transformer.wte.weight"]:  # ... so tie them again where `model` does
         dense.lm_head.weight = dense.transformer.wte.weight
     dense.generation_config = base.generation_config
     return dense.eval()

@@ -506,7 +506,8 @@ class HuginnModel(HuginnPreTrainedModel):
         state_seeds: torch.LongTensor | None = None,
         **kwargs,
     ) -> HuginnModelOutput:
-        """input_ids (batch, seq); attention_mask (batch, past + seq), 1 = real token, any padding side;
+        """input_ids (batch, seq); attention_mask (batch, past + seq), 1 = real token, any padding side, or a boolean
+        (batch, 1, seq, past + seq) matrix of the keys each query may see (e.g. packed sequences; needs position_ids);
         num_steps: int n (n steps), (no_grad, with_grad), or None (sampled in training, mean_recurrence in eval);
         input_states (batch, seq, n_embd) starts the recurrence instead of `init_state` ("random" or "zero")."""
         if inputs_embeds is None:
@@ -533,6 +534,8 @@ class HuginnModel(HuginnPreTrainedModel):
 
 def default_position_ids(attention_mask, batch: int, past: int, seq: int, device) -> torch.LongTensor:
     """Positions count real tokens only, so a left-padded row gets the positions it has when run alone."""
+    if attention_mask is not None and attention_mask.dim() == 4:
+        raise ValueError("a 4D attention_mask (which keys each query sees) needs explicit position_ids")
     if attention_mask is None:
         return torch.arange(past, past + seq, device=device).expand(batch, seq)
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
@@ -543,6 +546,10 @@ def build_attention_mask(attention_mask, past: int, seq: int, device) -> torch.T
     when nothing is padded or padding is only on the right of an uncached batch (real tokens never see it)."""
     if attention_mask is None:
         return None if past == 0 else torch.ones(1, 1, seq, past + seq, dtype=torch.bool, device=device)
+    if attention_mask.dim() == 4:  # already the matrix
+        if tuple(attention_mask.shape[-2:]) != (seq, past + seq):
+            raise ValueError(f"4D attention_mask {tuple(attention_mask.shape)}: expected (batch, 1, {seq}, {past + seq})")
+        return attention_mask.bool()
     keys_valid = attention_mask.bool()  # (batch, past + seq)
     if past == 0 and not (keys_valid[:, 1:] & ~keys_valid[:, :-1]).any():  # no real token after a pad: right padding
         return None

@@ -17,7 +17,9 @@ How this departs from GRPO as published (DeepSeekMath, then DeepSeek-R1-Zero):
 - The KL reference (`beta > 0`): from `--sft_adapter`, the SFT policy (TRL keeps a frozen copy of the adapter, a
   few MB, as its "ref" adapter); from a fresh LoRA, the base model with the adapter disabled.
 - Rollouts decode with generation.HuginnEngine (continuous batching, a group's samples share their prompt's
-  prefill, CUDA graphs on GPU) and return their own per-token log-probs. Where they only approximate the trained
+  prefill, CUDA graphs on GPU), from a dense copy of the policy (LoRA merged, NF4 dequantized) when it fits in
+  memory, and return their own per-token log-probs. The loss packs a group's samples into one row that computes
+  their prompt once (`pack_shared_prompts`). Where they only approximate the trained
   forward (shared KV slots, `generation_kwargs: {kv_cache_slots: k}`), each token's loss is weighted by
   p_trained / p_sampler, capped (TRL's truncated importance sampling, its `vllm_importance_sampling_*` knobs); the
   mismatch is logged (sampling/kl).
@@ -44,7 +46,7 @@ from trl.models import unwrap_model_for_generation
 
 import data
 import rewards
-from generation import HuginnEngine
+from generation import HuginnEngine, pick_generation_model
 from training import (
     SafeTrainerMixin,
     SafetyArguments,
@@ -159,12 +161,18 @@ class HuginnGRPOTrainer(SafeTrainerMixin, GRPOTrainer):
                 self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation,
                 gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs) as model:
             rows = min(len(prompt_ids), self.rollout_batch_size or len(prompt_ids))
-            engine = HuginnEngine(model, max_batch_size=rows, kv_cache_slots=slots,
-                                  max_length=max(map(len, prompt_ids)) + self.max_completion_length)
+            max_length = max(map(len, prompt_ids)) + self.max_completion_length
+            # A dense copy (LoRA merged, NF4 dequantized) in the dtype the frozen weights compute in, when it fits
+            # in memory: building it once per round costs less than the adapter's extra matmuls (and NF4's
+            # dequantization) in every block pass of every token. It matches the model to rounding (tested).
+            sampler = pick_generation_model(model, rows, max_length, slots,
+                                            dtype=backbone.prelude[0].norm_1.weight.dtype)
+            engine = HuginnEngine(sampler, max_batch_size=rows, kv_cache_slots=slots, max_length=max_length)
             try:
-                result = engine.generate(prompt_ids, max_new_tokens=self.max_completion_length,
+                result = engine.generate(prompt_ids, num_steps=depth, max_new_tokens=self.max_completion_length,
                                          eos_token_ids=self.eos_token_ids, do_sample=True,
                                          temperature=config.temperature, top_p=config.top_p, top_k=config.top_k or 0,
+                                         state_seeds=[self.state_seed] * len(prompt_ids),
                                          sampling_seeds=sampling_seeds)
             finally:
                 engine.close()
@@ -192,6 +200,30 @@ class HuginnGRPOTrainer(SafeTrainerMixin, GRPOTrainer):
         with self.recurrence(int(inputs["rollout_num_steps"][0])):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **multimodal):
+        """TRL's per-token log-probs (and entropies) of the completions, (batch, logits_to_keep), computed on packed
+        rows (`pack_shared_prompts`): a prompt's samples share one pass over it and completions carry no padding.
+        Each of TRL's three forwards (loss, KL reference, sampler scoring) goes through here."""
+        if compute_aux_loss or any(value is not None for value in multimodal.values()):  # not a Huginn input
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
+                **multimodal)
+        rows = len(input_ids)
+        chunk_rows = rows if batch_size is None else batch_size  # TRL's memory bound: samples per forward
+        logps, entropies = [], []
+        for start in range(0, rows, chunk_rows):
+            end = min(start + chunk_rows, rows)
+            packed = pack_shared_prompts(input_ids[start:end], attention_mask[start:end], logits_to_keep,
+                                         self.processing_class.pad_token_id)
+            with self.accelerator.autocast():
+                outputs = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
+                                position_ids=packed.position_ids, labels=packed.labels, fused_lm_head=True)
+            logps.append(packed.unpack(outputs.log_probs))
+            if compute_entropy:
+                entropies.append(packed.unpack(outputs.entropy))
+        return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         """Logs the time of the loss forward and backward alone (a step that starts a round also generates)."""
         self.rollout_seconds, self.loss_tokens, start = 0.0, 0, time.perf_counter()
@@ -200,6 +232,69 @@ class HuginnGRPOTrainer(SafeTrainerMixin, GRPOTrainer):
         self._metrics["train"]["train/seconds"].append(seconds)
         self._metrics["train"]["train/tokens_per_second"].append(self.loss_tokens / seconds)
         return loss
+
+
+@dataclass
+class PackedRows:
+    """`pack_shared_prompts`' model inputs, and where each completion token's log-prob lands in the output."""
+
+    input_ids: torch.Tensor  # (packed, length)
+    attention_mask: torch.Tensor  # (packed, 1, length, length) bool: the keys each query sees
+    position_ids: torch.Tensor  # (packed, length): each token's position in its own unpacked sequence
+    labels: torch.Tensor  # (packed, length): completion tokens, -100 elsewhere
+    source: torch.Tensor  # (batch, completion): flat index into the (packed, length - 1) shifted outputs, -1 = none
+
+    def unpack(self, per_token: torch.Tensor) -> torch.Tensor:
+        """(packed, length - 1) model outputs (TRL's fused log-probs or entropies) -> (batch, completion), 0 where
+        a completion has no token."""
+        values = per_token.reshape(-1)[self.source.clamp(min=0)]
+        return values.masked_fill(self.source < 0, 0.0)
+
+
+def pack_shared_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_length: int,
+                        pad_token_id: int) -> PackedRows:
+    """TRL's rows (left-padded prompt + right-padded completion of `completion_length`) repacked: the samples of one
+    prompt in one row, [prompt without its last token | per sample: that last token + the sample's real completion
+    tokens]. A segment sees the shared prompt and itself only, at the positions it has alone, so every completion
+    token's log-prob is the unpacked one (tested) while the prompt is computed once per group, not once per sample,
+    and completions carry no padding. (TRL's own padding-free path is for models with varlen attention kernels.)"""
+    prompt_length = input_ids.shape[1] - completion_length
+    ids, mask = input_ids.tolist(), attention_mask.tolist()
+    groups: dict[tuple, list[int]] = {}  # prompt tokens -> its samples' batch rows
+    for row in range(len(ids)):
+        prompt = tuple(t for t, m in zip(ids[row][:prompt_length], mask[row][:prompt_length]) if m)
+        groups.setdefault(prompt, []).append(row)
+    tokens, segments, positions, scored, sources = [], [], [], [], []
+    for prompt, members in groups.items():
+        row_tokens, row_segments = list(prompt[:-1]), [0] * (len(prompt) - 1)
+        row_positions, row_scored = list(range(len(prompt) - 1)), [False] * (len(prompt) - 1)
+        for segment, row in enumerate(members, start=1):
+            real = [j for j, m in enumerate(mask[row][prompt_length:]) if m]
+            completion = ids[row][prompt_length:prompt_length + (real[-1] + 1 if real else 0)]
+            start = len(row_tokens)  # the repeated last prompt token: its output scores completion[0]
+            sources.append((row, len(tokens), start, real))
+            row_tokens += [prompt[-1], *completion]
+            row_segments += [segment] * (len(completion) + 1)
+            row_positions += range(len(prompt) - 1, len(prompt) + len(completion))
+            row_scored += [False] + [bool(m) for m in mask[row][prompt_length:prompt_length + len(completion)]]
+        tokens.append(row_tokens), segments.append(row_segments), positions.append(row_positions)
+        scored.append(row_scored)
+    length, device = max(map(len, tokens)), input_ids.device
+
+    def padded(lists, value, dtype=torch.long):
+        return torch.tensor([row + [value] * (length - len(row)) for row in lists], dtype=dtype, device=device)
+
+    packed_ids, segment = padded(tokens, pad_token_id), padded(segments, -1)  # (packed, length)
+    labels = packed_ids.masked_fill(~padded(scored, False, torch.bool), -100)
+    index = torch.arange(length, device=device)
+    causal = index[None, :, None] >= index[None, None, :]  # (1, query, key)
+    same = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])  # shared prompt or own segment
+    allowed = (causal & same & (segment[:, None, :] >= 0)) | (index[:, None] == index[None, :])  # pads see themselves
+    source = torch.full((len(ids), completion_length), -1, dtype=torch.long, device=device)
+    for row, packed_row, start, real in sources:  # token j of the completion is predicted at start + j
+        source[row, real] = torch.tensor([packed_row * (length - 1) + start + j for j in real], dtype=torch.long,
+                                         device=device)
+    return PackedRows(packed_ids, allowed[:, None], padded(positions, 0), labels, source)
 
 
 def sampler_kl(output: dict) -> torch.Tensor:

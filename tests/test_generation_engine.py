@@ -238,6 +238,17 @@ def nf4_lora_model(tiny_dir):
     return get_peft_model(nf4, lora).eval()
 
 
+def assert_same_function_unlike_base(dense, peft_model) -> None:
+    """The dense copy's logits are the PEFT model's, which differ from its base's (so the check can fail)."""
+    ids, seeds = torch.tensor(random_prompts([10, 10], seed=7)), torch.tensor([1, 2])
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids, num_steps=4, state_seeds=seeds).logits
+        copied = dense(ids, num_steps=4, state_seeds=seeds).logits
+        with peft_model.disable_adapter():
+            base = peft_model(input_ids=ids, num_steps=4, state_seeds=seeds).logits
+    assert (copied - expected).abs().max() < 1e-4 < (base - expected).abs().max()
+
+
 def test_generation_copy_of_nf4_lora_model_matches_it(nf4_lora_model):
     import bitsandbytes as bnb
 
@@ -246,17 +257,29 @@ def test_generation_copy_of_nf4_lora_model_matches_it(nf4_lora_model):
     assert not any(isinstance(m, bnb.nn.Linear4bit) or "lora" in n for n, m in dense.named_modules())
     assert isinstance(nf4_lora_model.get_base_model().transformer.core_block[0].attn.Wqkv.base_layer,
                       bnb.nn.Linear4bit)  # the original is unchanged
-    ids, seeds = torch.tensor(random_prompts([10, 10], seed=7)), torch.tensor([1, 2])
-    with torch.no_grad():
-        quantized = nf4_lora_model(input_ids=ids, num_steps=4, state_seeds=seeds).logits
-        copied = dense(ids, num_steps=4, state_seeds=seeds).logits
-        with nf4_lora_model.disable_adapter():
-            without_lora = nf4_lora_model(input_ids=ids, num_steps=4, state_seeds=seeds).logits
-    assert (copied - quantized).abs().max() < 1e-4 < (without_lora - quantized).abs().max()
+    assert_same_function_unlike_base(dense, nf4_lora_model)
     kwargs = dict(num_steps=4, max_new_tokens=8, eos_token_ids=[NEVER], state_seeds=[1, 2, 3])
     prompts = random_prompts([5, 8, 3], seed=8)
     assert (HuginnEngine(nf4_lora_model, 3, 16).generate(prompts, **kwargs).tokens
             == HuginnEngine(dense, 3, 16).generate(prompts, **kwargs).tokens)
+
+
+def test_generation_copy_runs_trained_module_copies(tiny_dir):
+    """An adapter that trains whole modules (the tiny SFT trains the embeddings, GRPO the final norm): the copy
+    computes with PEFT's trained copies, and keeps the LM head on the untrained embedding it is tied to in the model."""
+    from peft import LoraConfig, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, target_modules=["Wqkv"], modules_to_save=["wte", "ln_f"], init_lora_weights=False)
+    model = get_peft_model(base, lora).eval()
+    backbone = model.get_base_model().transformer
+    with torch.no_grad():  # trained: away from the originals
+        backbone.wte.modules_to_save["default"].weight.mul_(1.5)
+        backbone.ln_f.modules_to_save["default"].weight.add_(0.3)
+    dense = generation_copy(model, dtype=torch.float32)
+    assert dense.lm_head.weight is not dense.transformer.wte.weight
+    assert_same_function_unlike_base(dense, model)
 
 
 def test_pick_generation_model_by_free_memory(model, nf4_lora_model):

@@ -160,6 +160,43 @@ def test_rollout_and_loss_log_probs_agree_before_any_update(tmp_path):
     assert (other - rollout.logprobs).abs().max() > 1e-3  # the check above can fail
 
 
+def test_packed_prompt_groups_score_as_unpacked_rows(tmp_path):
+    """The loss's packed rows (a prompt's samples share one pass over it, completions unpadded) give every completion
+    token TRL's unpacked log-prob, entropy and gradient: prompts of different lengths (left-padded), groups of
+    different sizes in shuffled order, completions of different lengths (right-padded)."""
+    trainer = train_grpo.build_trainer(*grpo_args(tmp_path, "--rollout_num_steps", "4"))
+    tokenizer, model = trainer.processing_class, trainer.model
+    prompts = [tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True,
+                                             return_dict=False) for row in trainer.train_dataset.select(range(3))]
+    prompts[2] = prompts[2][:3] + prompts[2]  # a longer prompt: the others are left-padded
+    order, lengths, width = [0, 1, 0, 2, 1, 0], [8, 3, 1, 6, 8, 5], 8
+    batch = tokenizer.pad({"input_ids": [prompts[i] for i in order]}, return_tensors="pt", padding_side="left")
+    completions = torch.randint(0, 300, (len(order), width), generator=torch.Generator().manual_seed(0))
+    completion_mask = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long()
+    completions = completions.masked_fill(completion_mask == 0, tokenizer.pad_token_id)
+    input_ids = torch.cat([batch.input_ids, completions], dim=1)
+    attention_mask = torch.cat([batch.attention_mask, completion_mask], dim=1)
+    packed = train_grpo.pack_shared_prompts(input_ids, attention_mask, width, tokenizer.pad_token_id)
+    assert packed.input_ids.shape[0] == 3 and packed.input_ids.numel() < 0.7 * input_ids.numel()
+
+    def scored(method):
+        model.zero_grad()
+        with trainer.recurrence(4):
+            logps, entropy, _ = method(trainer, model, input_ids, attention_mask, width, compute_entropy=True)
+        (logps * completion_mask).sum().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        return logps.detach(), entropy.detach(), grads
+
+    mask = completion_mask.bool()
+    logps, entropy, grads = scored(train_grpo.HuginnGRPOTrainer._get_per_token_logps_and_entropies)
+    reference_logps, reference_entropy, reference_grads = scored(train_grpo.GRPOTrainer._get_per_token_logps_and_entropies)
+    assert (logps - reference_logps)[mask].abs().max() <= 1e-5
+    assert (entropy - reference_entropy)[mask].abs().max() <= 1e-5
+    assert (logps[~mask] == 0).all()
+    assert all(torch.allclose(g, r, rtol=1e-4, atol=1e-6) for g, r in zip(grads, reference_grads))
+    assert max(g.abs().max() for g in grads) > 0
+
+
 def test_rollouts_are_a_function_of_seed_and_step(tmp_path):
     """The engine's samples depend on (seed, step, process) only: a resumed run redraws what an uninterrupted one
     drew. A prompt's samples differ from each other (one shared prefill, own sampling seeds)."""
