@@ -13,14 +13,15 @@ import train_grpo
 from training import parse_args
 
 # Margins (accuracy, 0-1) that seeds 0, 1 and 2 clear (README, "The tiny pipeline and its results"): SFT - base
-# +0.49..+0.56, 8 - 1 steps +0.19..+0.38; GRPO - SFT mean reward at temperature 1 +0.13..+0.21 (40 steps), greedy
-# +0.008..+0.063. A GRPO stage that only kept SFT's model (the earlier LoRA-only recipe: -0.008..+0.020) fails the
-# reward margin; the final norm's gain trained without the KL and LoRA (seed 0: greedy -0.109) fails the greedy one.
+# +0.49..+0.56, 8 - 1 steps +0.19..+0.38; GRPO - SFT mean reward at temperature 1 +0.17..+0.23 (40 steps), greedy
+# +0.000..+0.094. A GRPO stage that only kept SFT's model (the earlier LoRA-only recipe: -0.008..+0.020) fails the
+# reward margin, as does the unscaled-advantage recipe on seed 2 (+0.13); the final norm's gain trained without the
+# KL and LoRA (seed 0: greedy -0.109) fails the greedy one.
 MIN_SFT_OVER_BASE = 0.30
 MIN_DEEP_OVER_SHALLOW = 0.10
-MIN_GRPO_OVER_SFT_REWARD = 0.10
+MIN_GRPO_OVER_SFT_REWARD = 0.15
 MIN_GRPO_OVER_SFT_GREEDY = -0.02
-MIN_GRPO_TRAINING_REWARD_RISE = 0.08  # mean of the last 5 steps' reward - the first 5's: +0.16..+0.19 measured
+MIN_GRPO_TRAINING_REWARD_RISE = 0.15  # mean of the last 5 steps' reward - the first 5's: +0.23..+0.28 measured
 
 
 @pytest.fixture(scope="module")
