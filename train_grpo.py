@@ -257,7 +257,7 @@ def pack_shared_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor, c
     prompt in one row, [prompt without its last token | per sample: that last token + the sample's real completion
     tokens]. A segment sees the shared prompt and itself only, at the positions it has alone, so every completion
     token's log-prob is the unpacked one (tested) while the prompt is computed once per group, not once per sample,
-    and completions carry no padding. (TRL's own padding-free path is for models with varlen attention kernels.)"""
+    and completions carry no padding. (TRL's GRPOTrainer has no padding-free or prefix-sharing path.)"""
     prompt_length = input_ids.shape[1] - completion_length
     ids, mask = input_ids.tolist(), attention_mask.tolist()
     groups: dict[tuple, list[int]] = {}  # prompt tokens -> its samples' batch rows
@@ -277,7 +277,9 @@ def pack_shared_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor, c
             row_segments += [segment] * (len(completion) + 1)
             row_positions += range(len(prompt) - 1, len(prompt) + len(completion))
             row_scored += [False] + [bool(m) for m in mask[row][prompt_length:prompt_length + len(completion)]]
-        tokens.append(row_tokens), segments.append(row_segments), positions.append(row_positions)
+        tokens.append(row_tokens)
+        segments.append(row_segments)
+        positions.append(row_positions)
         scored.append(row_scored)
     length, device = max(map(len, tokens)), input_ids.device
 
