@@ -18,11 +18,11 @@ How this departs from GRPO as published (DeepSeekMath, then DeepSeek-R1-Zero):
   few MB, as its "ref" adapter); from a fresh LoRA, the base model with the adapter disabled.
 - Rollouts decode with generation.HuginnEngine (continuous batching, a group's samples share their prompt's
   prefill, CUDA graphs on GPU), from a dense copy of the policy (LoRA merged, NF4 dequantized) when it fits in
-  memory, and return their own per-token log-probs. The loss packs a group's samples into one row that computes
-  their prompt once (`pack_shared_prompts`). Where they only approximate the trained
-  forward (shared KV slots, `generation_kwargs: {kv_cache_slots: k}`), each token's loss is weighted by
-  p_trained / p_sampler, capped (TRL's truncated importance sampling, its `vllm_importance_sampling_*` knobs); the
-  mismatch is logged (sampling/kl).
+  memory, and return their own per-token log-probs. Where rollouts only approximate the trained forward (shared
+  KV slots, `generation_kwargs: {kv_cache_slots: k}`), each token's loss is weighted by p_trained / p_sampler,
+  capped (TRL's truncated importance sampling, its `vllm_importance_sampling_*` knobs); the mismatch is logged
+  (sampling/kl). The loss packs a group's samples into one row that computes their prompt once
+  (`pack_shared_prompts`).
 - The policy has no dropout: rollouts sample, and the loss scores, one deterministic policy (an SFT adapter's
   `lora_dropout` is switched off). Trainable weights stay fp32 under an NF4 base (TRL would cast them to bf16).
 - Loss and advantage defaults are TRL's (`loss_type: dapo`-style token-level normalisation, group-scaled
