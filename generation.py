@@ -306,7 +306,7 @@ class HuginnEngine:
                  exit_threshold: float | None = None, cuda_graphs: bool | None = None, init_state: str = "random"):
         self.model = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: LoRA stays active
         self.config = self.model.config
-        dtype, self.device = self.model.transformer.wte.weight.dtype, self.model.transformer.wte.weight.device
+        dtype, self.device = self.model.transformer.compute_dtype, self.model.transformer.wte.weight.device
         self.max_batch_size, self.max_length = max_batch_size, max_length
         self.exit_threshold, self.init_state = exit_threshold, init_state
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs

@@ -132,7 +132,9 @@ class HuginnRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()  # statistics in fp32, weight applied after casting back (as the checkpoint was trained)
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        # the gain in x's dtype too: a trained fp32 gain (ln_f kept fp32 for the optimizer) must not turn a bf16 forward
+        # into fp32 from here on
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight.type_as(x)
 
 
 def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -453,12 +455,18 @@ class HuginnModel(HuginnPreTrainedModel):
         scale = self.config.init_values["std"] * self.config.init_values["embed_scale"]
         return (noise * scale).to(embedded.dtype)
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype activations run in: the frozen prelude norms'. A trained copy of wte (a PEFT module to save, kept
+        in fp32 for the optimizer) would otherwise send fp32 activations into bf16 Linears."""
+        return self.prelude[0].norm_1.weight.dtype
+
     # The three stages of a forward. HuginnModel.forward and generation.HuginnEngine's decode phases both run them,
     # so the recurrence has one implementation. Shapes: (batch, seq, n_embd); rope and attn_mask as in forward.
 
     def prelude_pass(self, inputs_embeds, rope, attn_mask, cache) -> torch.Tensor:
         """Scaled embeddings through the prelude blocks: the input `embedded` that every recurrent step re-reads."""
-        x = inputs_embeds * self.config.init_values["embed_scale"]
+        x = (inputs_embeds * self.config.init_values["embed_scale"]).to(self.compute_dtype)
         for block_idx, block in enumerate(self.prelude):
             x = block(x, rope, attn_mask, cache, cache.prelude_layer(block_idx) if cache is not None else 0)
         return x

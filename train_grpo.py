@@ -165,8 +165,7 @@ class HuginnGRPOTrainer(SafeTrainerMixin, GRPOTrainer):
             # A dense copy (LoRA merged, NF4 dequantized) in the dtype the frozen weights compute in, when it fits
             # in memory: building it once per round costs less than the adapter's extra matmuls (and NF4's
             # dequantization) in every block pass of every token. It matches the model to rounding (tested).
-            sampler = pick_generation_model(model, rows, max_length, slots,
-                                            dtype=backbone.prelude[0].norm_1.weight.dtype)
+            sampler = pick_generation_model(model, rows, max_length, slots, dtype=backbone.compute_dtype)
             engine = HuginnEngine(sampler, max_batch_size=rows, kv_cache_slots=slots, max_length=max_length)
             try:
                 result = engine.generate(prompt_ids, num_steps=depth, max_new_tokens=self.max_completion_length,

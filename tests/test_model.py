@@ -353,6 +353,31 @@ def test_lora_on_core_gets_gradients_with_truncated_backprop(model):
     assert all(p.grad is None for p in frozen)
 
 
+def test_fp32_trained_copies_of_wte_and_ln_f_keep_a_bf16_base_in_bf16(tiny_dir):
+    """On a bf16 base, PEFT's trained copies of wte and ln_f (modules to save) stay fp32 for the optimizer
+    (keep_trainable_weights_fp32). Their outputs must not send fp32 activations into the bf16 Linears (a dtype error)
+    nor change the forward beyond the copies' own rounding; generation through the PEFT model works too."""
+    from peft import LoraConfig, get_peft_model
+
+    from generation import HuginnEngine
+    from training import keep_trainable_weights_fp32
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16).eval()
+    ids = random_ids(2, 10)
+    with torch.no_grad():
+        expected = base(ids, num_steps=3, init_state="zero").logits
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["Wqkv"], modules_to_save=["wte", "ln_f"]))
+    keep_trainable_weights_fp32(peft_model)
+    copies = [p for n, p in peft_model.named_parameters() if ".modules_to_save." in n]
+    assert len(copies) == 2 and all(p.dtype == torch.float32 for p in copies)
+    with torch.no_grad():
+        logits = peft_model(input_ids=ids, num_steps=3, init_state="zero").logits
+    assert torch.equal(logits, expected)  # fp32 copies of bf16 weights, LoRA B = 0: the same bf16 forward
+    output = HuginnEngine(peft_model.get_base_model(), max_batch_size=2, max_length=16).generate(
+        [[1, 2, 3], [4, 5]], num_steps=2, max_new_tokens=4, eos_token_ids=[])
+    assert [len(tokens) for tokens in output.tokens] == [4, 4]
+
+
 @pytest.fixture(scope="module")
 def nf4_model(tiny_dir):
     pytest.importorskip("bitsandbytes")
