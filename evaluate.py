@@ -30,6 +30,7 @@ Benchmark names: gsm8k (openai/gsm8k main test, 1319), math500 (HuggingFaceH4/MA
 Memory: per depth, the largest batch up to --batch_size whose weights, KV cache and activations fit the budget
 (--max_memory_gb, else the free GPU memory at start; on CPU the available RAM), with exact KV caches (one slot per
 step) unless not even one row fits (generation.plan_generation_memory); --kv_cache_slots k shares slots instead.
+With --load_in_4bit, decoding runs on a dense copy of the NF4 weights (LoRA merged) when that keeps every batch size.
 Decoding: generation.HuginnEngine, one per checkpoint and plan, continuously batched over the whole benchmark (a
 finished row takes the next problem), CUDA graphs on GPU.
 
@@ -37,7 +38,8 @@ Outputs in output_dir: results.json (accuracy with Wilson 95% interval per check
 lm-eval strict/flexible scores with gsm8k_cot prompts, tokens, speed, the memory plan, config, prompt, versions, git
 commit), samples.jsonl (one line per generated sample, appended and flushed as it goes) and accuracy_vs_steps.png.
 Rerunning with the same output_dir resumes: a sample is reused only when its key, a hash of everything that changes
-a completion (prompt, adapter files, model, dtype, depth, KV cache mode, decoding settings, seed), matches.
+a completion (prompt, adapter files, model, dtype, NF4 working copy, depth, KV cache mode, decoding settings, seed),
+matches.
 
 Reproducibility: the recurrence starts from the published random state, seeded per problem and sample
 (`state_seeds` = hash(seed, benchmark, id, sample)), so a completion does not depend on its batch: greedy results
@@ -56,7 +58,7 @@ import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -69,7 +71,8 @@ from trl import TrlParser
 
 import data
 import rewards
-from generation import HuginnEngine, MemoryPlan, free_memory_bytes, plan_generation_memory
+from generation import (MEMORY_HEADROOM, HuginnEngine, MemoryPlan, free_memory_bytes, generation_copy, model_weight_bytes,
+                        plan_generation_memory)
 from modeling_huginn_qlora import nf4_quantization_config
 from tiny import resolve_model_path
 
@@ -193,7 +196,11 @@ def device_and_dtype(args: EvalArguments) -> tuple[torch.device, torch.dtype]:
 
 def memory_plans(args: EvalArguments, prompt_length: int) -> tuple[dict[int, MemoryPlan], str]:
     """A batch size and KV cache mode per depth that fit the budget, and where the budget came from. Planned once,
-    before any model is loaded, so the free memory measured includes what the weights will take."""
+    before any model is loaded, so the free memory measured includes what the weights will take.
+
+    NF4 weights decode from a dense working copy (generation.generation_copy: dequantized, LoRA merged, the same
+    function to rounding; bitsandbytes' NF4 matmuls decode ~2x slower at every batch size) when it costs nothing:
+    every depth keeps its batch size and KV cache mode, and the copy fits beside the NF4 weights while it is made."""
     device, dtype = device_and_dtype(args)
     if args.max_memory_gb is not None:
         budget, source = args.max_memory_gb * 1e9, "max_memory_gb"
@@ -202,16 +209,30 @@ def memory_plans(args: EvalArguments, prompt_length: int) -> tuple[dict[int, Mem
         source = f"{'free GPU memory' if device.type == 'cuda' else 'available RAM'} at start"
     config = AutoConfig.from_pretrained(resolve_model_path(args.model_name_or_path))
     slots = args.kv_cache_slots or (1 if args.exit_threshold is not None else None)  # adaptive: one shared slot
-    return {steps: plan_generation_memory(config, budget, args.batch_size, prompt_length, args.max_new_tokens, steps,
-                                          slots, dtype, args.load_in_4bit, engine=True)
-            for steps in args.num_steps}, source
+
+    def plan(steps: int, load_in_4bit: bool) -> MemoryPlan:
+        return plan_generation_memory(config, budget, args.batch_size, prompt_length, args.max_new_tokens, steps,
+                                      slots, dtype, load_in_4bit, engine=True)
+
+    plans = {steps: plan(steps, args.load_in_4bit) for steps in args.num_steps}
+    if not args.load_in_4bit:
+        return plans, source
+    copy_peak = model_weight_bytes(config, dtype, load_in_4bit=True) + model_weight_bytes(config, dtype)
+    try:
+        dense = {steps: replace(plan(steps, False), working_copy=True) for steps in args.num_steps}
+    except ValueError:  # not even one row beside dense weights
+        return plans, source
+    same = all((dense[s].batch_size, dense[s].kv_cache_slots) == (plans[s].batch_size, plans[s].kv_cache_slots)
+               for s in plans)
+    return (dense if same and copy_peak <= MEMORY_HEADROOM * budget else plans), source
 
 
 class HuginnBackend:
-    """Generation with huginn, plus an optional LoRA adapter (merged unless NF4), through generation.HuginnEngine:
-    continuous batching over a call's requests (a finished row takes the next problem; completions do not depend on
-    the batch), at each depth's planned batch size and KV cache mode. One engine per memory plan,
-    kept across calls; `max_prompt_tokens` (the run's longest prompt) sizes its cache."""
+    """Generation with huginn, plus an optional LoRA adapter (merged; with NF4 weights, merged into their working
+    copy when the plans have one, else kept apart), through generation.HuginnEngine: continuous batching over a
+    call's requests (a finished row takes the next problem; completions do not depend on the batch), at each depth's
+    planned batch size and KV cache mode. One engine per memory plan, kept across calls; `max_prompt_tokens` (the
+    run's longest prompt) sizes its cache."""
 
     def __init__(self, args: EvalArguments, adapter: str | None, plans: dict[int, MemoryPlan], max_prompt_tokens: int):
         self.args, self.plans, self.max_prompt_tokens = args, plans, max_prompt_tokens
@@ -222,6 +243,8 @@ class HuginnBackend:
         if adapter is not None:
             model = PeftModel.from_pretrained(model, adapter)
             model = model if args.load_in_4bit else model.merge_and_unload()  # merged: no LoRA cost per block pass
+        if any(plan.working_copy for plan in plans.values()):
+            model = generation_copy(model, dtype)  # the NF4 model is freed as the name moves on
         self.model = model.eval()
         self.tokenizer = data.load_tokenizer(args.model_name_or_path)
         self.eos_ids = data.stop_token_ids(model.generation_config, self.tokenizer)
@@ -447,6 +470,8 @@ def completion_settings(args: EvalArguments, fingerprint: str, num_steps: int, p
                                                     "do_sample", "init_state", "exit_threshold", "seed")}
     if args.do_sample:
         settings.update(temperature=args.temperature, top_p=args.top_p)
+    if plan.working_copy:  # NF4 dequantized: the same function, but not bit for bit
+        settings["working_copy"] = True
     return {**settings, "dtype": str(device_and_dtype(args)[1]), "checkpoint": fingerprint, "num_steps": num_steps,
             "kv_cache_slots": plan.kv_cache_slots}
 
@@ -557,6 +582,7 @@ def main(args: EvalArguments, backends: dict[str, Backend] | None = None) -> lis
     for steps, plan in plans.items():
         print(f"memory plan, {steps} steps: batch {plan.batch_size}, KV cache "
               f"{'exact' if plan.kv_cache_slots is None else f'{plan.kv_cache_slots} shared slot(s)'}, "
+              f"{'NF4 decoded from a dense working copy, ' if plan.working_copy else ''}"
               f"{plan.total_bytes / 1e9:.2f} of {plan.budget_bytes / 1e9:.2f} GB ({budget_source}; longest prompt "
               f"{prompt_length} tokens)")
 

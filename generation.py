@@ -102,7 +102,8 @@ def prefill_activation_bytes(config: HuginnConfig, batch_size: int, prompt_lengt
 @dataclass
 class MemoryPlan:
     """A batch size and KV cache mode (`kv_cache_slots` None: one cache slot per recurrent step, exact) and the
-    bytes they need, all fitting MEMORY_HEADROOM of `budget_bytes`."""
+    bytes they need, all fitting MEMORY_HEADROOM of `budget_bytes`. `working_copy`: NF4 weights decoded from their
+    dense `generation_copy`, whose bytes `weight_bytes` counts."""
 
     batch_size: int
     kv_cache_slots: int | None
@@ -110,6 +111,7 @@ class MemoryPlan:
     cache_bytes: int
     activation_bytes: int
     budget_bytes: int
+    working_copy: bool = False
 
     @property
     def total_bytes(self) -> int:

@@ -171,7 +171,7 @@ def test_retrained_adapter_gets_new_samples_unchanged_rerun_resumes(tiny_data, t
         (tmp_path / "eval" / "results.json").read_text())["checkpoint_fingerprints"]["sft"]
 
 
-@pytest.mark.parametrize("load_in_4bit", [False, True], ids=["merged", "nf4-unmerged"])
+@pytest.mark.parametrize("load_in_4bit", [False, True], ids=["merged", "nf4-working-copy"])
 def test_compare_mode_with_lora_adapter(tiny_data, tmp_path, load_in_4bit):
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny-huginn"), dtype=torch.float32)
     torch.manual_seed(0)
@@ -186,6 +186,30 @@ def test_compare_mode_with_lora_adapter(tiny_data, tmp_path, load_in_4bit):
                      for name in ("base", "lora")}
     assert by_checkpoint["base"] != by_checkpoint["lora"]  # the adapter is applied
     assert (output_dir / "accuracy_vs_steps.png").exists()
+
+
+def test_nf4_decodes_from_a_working_copy_only_where_it_keeps_the_batch(tiny_data, tmp_path):
+    """--load_in_4bit with memory to spare decodes from a dense copy (NF4 dequantized, LoRA merged); a budget that
+    fits the NF4 weights at the full batch, but not the copy, decodes NF4 with the adapter apart. Same completions."""
+    pytest.importorskip("bitsandbytes")
+    adapter = save_lora(tmp_path / "adapter", seed=0)
+    common = dict(adapters=[f"lora={adapter}"], limit=4, num_steps=[2], max_new_tokens=8, batch_size=4,
+                  load_in_4bit=True, benchmarks=[str(tiny_data / "gsm8k_test.jsonl")])
+    main(tiny_args(tiny_data, tmp_path / "copy", **common))
+    copied = json.loads((tmp_path / "copy" / "results.json").read_text())["memory_plan"]
+    config, dtype = AutoConfig.from_pretrained(resolve_model_path("tiny-huginn")), torch.float32
+    prompt_length = copied["longest_prompt_tokens"]
+    four_rows = (kv_cache_bytes(config, 4, prompt_length + 8 + 1, 2, dtype)
+                 + prefill_activation_bytes(config, 4, prompt_length, dtype))
+    nf4_only = (model_weight_bytes(config, dtype, load_in_4bit=True) + four_rows) / MEMORY_HEADROOM * 1.001
+    assert model_weight_bytes(config, dtype) + four_rows > MEMORY_HEADROOM * nf4_only  # the copy would cut the batch
+    main(tiny_args(tiny_data, tmp_path / "nf4", max_memory_gb=nf4_only / 1e9, **common))
+    nf4 = json.loads((tmp_path / "nf4" / "results.json").read_text())["memory_plan"]
+    assert copied["by_num_steps"]["2"]["working_copy"] and copied["by_num_steps"]["2"]["batch_size"] == 4
+    assert not nf4["by_num_steps"]["2"]["working_copy"] and nf4["by_num_steps"]["2"]["batch_size"] == 4
+    assert completions(tmp_path / "copy") == completions(tmp_path / "nf4")
+    assert {r["key"] for r in read_lines(tmp_path / "copy" / "samples.jsonl")}.isdisjoint(
+        r["key"] for r in read_lines(tmp_path / "nf4" / "samples.jsonl"))  # not bit for bit: resumes keep them apart
 
 
 def test_sampling_reports_pass_at_k_and_majority_vote(tiny_data, tmp_path):
