@@ -244,7 +244,10 @@ class HuginnBackend:
             model = PeftModel.from_pretrained(model, adapter)
             model = model if args.load_in_4bit else model.merge_and_unload()  # merged: no LoRA cost per block pass
         if any(plan.working_copy for plan in plans.values()):
-            model = generation_copy(model, dtype)  # the NF4 model is freed as the name moves on
+            model = generation_copy(model, dtype)
+            gc.collect()  # the NF4 model (PEFT's modules refer to each other) is freed before the KV cache is made
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         self.model = model.eval()
         self.tokenizer = data.load_tokenizer(args.model_name_or_path)
         self.eos_ids = data.stop_token_ids(model.generation_config, self.tokenizer)
