@@ -188,28 +188,47 @@ def test_compare_mode_with_lora_adapter(tiny_data, tmp_path, load_in_4bit):
     assert (output_dir / "accuracy_vs_steps.png").exists()
 
 
-def test_nf4_decodes_from_a_working_copy_only_where_it_keeps_the_batch(tiny_data, tmp_path):
-    """--load_in_4bit with memory to spare decodes from a dense copy (NF4 dequantized, LoRA merged); a budget that
-    fits the NF4 weights at the full batch, but not the copy, decodes NF4 with the adapter apart. Same completions."""
+def test_nf4_decodes_from_a_working_copy_where_its_batch_is_large_enough(tiny_data, tmp_path):
+    """--load_in_4bit decodes from a dense copy (NF4 dequantized, LoRA merged) where the copy's batch is at least
+    1/NF4_DECODE_SLOWDOWN of the NF4 weights' batch: 3 rows against 4, not 2 against 4. Same greedy completions."""
     pytest.importorskip("bitsandbytes")
     adapter = save_lora(tmp_path / "adapter", seed=0)
     common = dict(adapters=[f"lora={adapter}"], limit=4, num_steps=[2], max_new_tokens=8, batch_size=4,
                   load_in_4bit=True, benchmarks=[str(tiny_data / "gsm8k_test.jsonl")])
-    main(tiny_args(tiny_data, tmp_path / "copy", **common))
-    copied = json.loads((tmp_path / "copy" / "results.json").read_text())["memory_plan"]
     config, dtype = AutoConfig.from_pretrained(resolve_model_path("tiny-huginn")), torch.float32
-    prompt_length = copied["longest_prompt_tokens"]
-    four_rows = (kv_cache_bytes(config, 4, prompt_length + 8 + 1, 2, dtype)
-                 + prefill_activation_bytes(config, 4, prompt_length, dtype))
-    nf4_only = (model_weight_bytes(config, dtype, load_in_4bit=True) + four_rows) / MEMORY_HEADROOM * 1.001
-    assert model_weight_bytes(config, dtype) + four_rows > MEMORY_HEADROOM * nf4_only  # the copy would cut the batch
-    main(tiny_args(tiny_data, tmp_path / "nf4", max_memory_gb=nf4_only / 1e9, **common))
-    nf4 = json.loads((tmp_path / "nf4" / "results.json").read_text())["memory_plan"]
-    assert copied["by_num_steps"]["2"]["working_copy"] and copied["by_num_steps"]["2"]["batch_size"] == 4
-    assert not nf4["by_num_steps"]["2"]["working_copy"] and nf4["by_num_steps"]["2"]["batch_size"] == 4
-    assert completions(tmp_path / "copy") == completions(tmp_path / "nf4")
-    assert {r["key"] for r in read_lines(tmp_path / "copy" / "samples.jsonl")}.isdisjoint(
-        r["key"] for r in read_lines(tmp_path / "nf4" / "samples.jsonl"))  # not bit for bit: resumes keep them apart
+    main(tiny_args(tiny_data, tmp_path / "ample", **common))
+    prompt_length = json.loads((tmp_path / "ample" / "results.json").read_text())["memory_plan"]["longest_prompt_tokens"]
+
+    def dense_budget_gb(rows: int) -> float:  # the copy fits `rows` rows, the NF4 weights more
+        row_bytes = (kv_cache_bytes(config, rows, prompt_length + 8 + 1, 2, dtype)
+                     + prefill_activation_bytes(config, rows, prompt_length, dtype))
+        return (model_weight_bytes(config, dtype) + row_bytes) / MEMORY_HEADROOM * 1.001 / 1e9
+
+    plans = {}
+    for rows in (3, 2):
+        main(tiny_args(tiny_data, tmp_path / f"dense{rows}", max_memory_gb=dense_budget_gb(rows), **common))
+        plans[rows] = json.loads((tmp_path / f"dense{rows}" / "results.json").read_text())["memory_plan"]
+    assert (plans[3]["by_num_steps"]["2"]["working_copy"], plans[3]["by_num_steps"]["2"]["batch_size"]) == (True, 3)
+    assert (plans[2]["by_num_steps"]["2"]["working_copy"], plans[2]["by_num_steps"]["2"]["batch_size"]) == (False, 4)
+    assert completions(tmp_path / "dense3") == completions(tmp_path / "dense2") == completions(tmp_path / "ample")
+    assert {r["key"] for r in read_lines(tmp_path / "dense3" / "samples.jsonl")}.isdisjoint(
+        r["key"] for r in read_lines(tmp_path / "dense2" / "samples.jsonl"))  # not bit for bit: resumes keep them apart
+
+
+@pytest.mark.parametrize("num_steps, budget_gb, working_copy", [(32, 24, True), (64, 24, True), (16, 24, False),
+                                                                 (32, 80, True)])
+def test_working_copy_decisions_at_full_size(published_config, tmp_path, num_steps, budget_gb, working_copy):
+    """The README's second command (batch 16, 250-token prompts, 512 new tokens) on a GPU with NF4 weights: the bf16
+    copy's 4.7 GB more of weights lower the batch (24 GB, 32 steps: 6 against 8) but pay for themselves; at 16 steps
+    (11 against 15) they do not."""
+    (tmp_path / "config.json").write_text(published_config.to_json_string())
+    args = EvalArguments(model_name_or_path=str(tmp_path), load_in_4bit=True, dtype="bfloat16", batch_size=16,
+                         max_new_tokens=512, num_steps=[num_steps], max_memory_gb=budget_gb, output_dir=str(tmp_path))
+    plan = evaluate.memory_plans(args, 250)[0][num_steps]
+    nf4 = plan_generation_memory(published_config, budget_gb * 1e9, 16, 250, 512, num_steps, load_in_4bit=True,
+                                 engine=True)
+    assert plan.working_copy == working_copy
+    assert plan.batch_size * evaluate.NF4_DECODE_SLOWDOWN >= nf4.batch_size if working_copy else plan == nf4
 
 
 def test_sampling_reports_pass_at_k_and_majority_vote(tiny_data, tmp_path):
