@@ -38,8 +38,8 @@ Outputs in output_dir: results.json (accuracy with Wilson 95% interval per check
 lm-eval strict/flexible scores with gsm8k_cot prompts, tokens, speed, the memory plan, config, prompt, versions, git
 commit), samples.jsonl (one line per generated sample, appended and flushed as it goes) and accuracy_vs_steps.png.
 Rerunning with the same output_dir resumes: a sample is reused only when its key, a hash of everything that changes
-a completion (prompt, adapter files, model, dtype, NF4 working copy, depth, KV cache mode, decoding settings, seed),
-matches.
+a completion (prompt, adapter files, a local base model's files or the hub id, dtype, NF4 working copy, depth, KV
+cache mode, decoding settings, seed), matches.
 
 Reproducibility: the recurrence starts from the published random state, seeded per problem and sample
 (`state_seeds` = hash(seed, benchmark, id, sample)), so a completion does not depend on its batch: greedy results
@@ -461,29 +461,39 @@ def record_key(record: dict) -> tuple:
             record.get("key"))
 
 
-def adapter_fingerprint(adapter: str) -> str:
-    """sha256 of an adapter directory's config and weight files (adapter_config.json, adapter_model.*), so a
-    retrained adapter in the same directory never reuses its predecessor's samples; a hub id stands for itself."""
-    directory = Path(adapter)
+def files_fingerprint(source: str, patterns: tuple[str, ...]) -> str:
+    """sha256 of the names and contents of a local directory's files matching `patterns`, so a model or adapter
+    retrained in the same directory never reuses its predecessor's samples; a hub id stands for itself."""
+    directory = Path(source)
     if not directory.is_dir():
-        return adapter
+        return source
     digest = hashlib.sha256()
-    for path in sorted(p for p in directory.glob("adapter_*") if p.is_file()):
+    for path in sorted({p for pattern in patterns for p in directory.glob(pattern) if p.is_file()}):
         with open(path, "rb") as file:
             digest.update(path.name.encode() + hashlib.file_digest(file, "sha256").digest())
     return digest.hexdigest()
 
 
-def completion_settings(args: EvalArguments, fingerprint: str, num_steps: int, plan: MemoryPlan) -> dict:
-    """Everything but the prompt that changes one checkpoint's completions at one depth (batch size does not)."""
-    settings = {key: getattr(args, key) for key in ("model_name_or_path", "load_in_4bit", "max_new_tokens",
-                                                    "do_sample", "init_state", "exit_threshold", "seed")}
+def adapter_fingerprint(adapter: str) -> str:
+    return files_fingerprint(adapter, ("adapter_*",))  # adapter_config.json, adapter_model.*
+
+
+def model_fingerprint(model_name_or_path: str) -> str:
+    """A local base model's config and weights (~7 GB at full size: seconds to hash), or its hub id."""
+    return files_fingerprint(resolve_model_path(model_name_or_path), ("config.json", "*.safetensors", "*.bin"))
+
+
+def completion_settings(args: EvalArguments, model: str, checkpoint: str, num_steps: int, plan: MemoryPlan) -> dict:
+    """Everything but the prompt that changes one checkpoint's completions at one depth (batch size does not):
+    `model` and `checkpoint` are the base model's and the adapter's fingerprints."""
+    settings = {key: getattr(args, key) for key in ("load_in_4bit", "max_new_tokens", "do_sample", "init_state",
+                                                    "exit_threshold", "seed")}
     if args.do_sample:
         settings.update(temperature=args.temperature, top_p=args.top_p)
     if plan.working_copy:  # NF4 dequantized: the same function, but not bit for bit
         settings["working_copy"] = True
-    return {**settings, "dtype": str(device_and_dtype(args)[1]), "checkpoint": fingerprint, "num_steps": num_steps,
-            "kv_cache_slots": plan.kv_cache_slots}
+    return {**settings, "model_name_or_path": model, "dtype": str(device_and_dtype(args)[1]), "checkpoint": checkpoint,
+            "num_steps": num_steps, "kv_cache_slots": plan.kv_cache_slots}
 
 
 def sample_key(settings: dict, prompt: str, answer: str) -> str:
@@ -599,12 +609,13 @@ def main(args: EvalArguments, backends: dict[str, Backend] | None = None) -> lis
     output_dir.mkdir(parents=True, exist_ok=True)
     samples_path = output_dir / "samples.jsonl"
     rows_by_id = {(label, row["id"]): row for label, rows in problems.items() for row in rows}
+    base_fingerprint = model_fingerprint(args.model_name_or_path)
     fingerprints = {checkpoint: adapter if adapter in (None, "base") else adapter_fingerprint(adapter)
                     for checkpoint, adapter in checkpoints.items()}
     wanted = []  # (checkpoint, benchmark, steps, id, sample, key)
     for checkpoint in checkpoints:
         for steps in args.num_steps:
-            settings = completion_settings(args, fingerprints[checkpoint], steps, plans[steps])
+            settings = completion_settings(args, base_fingerprint, fingerprints[checkpoint], steps, plans[steps])
             wanted += [(checkpoint, label, steps, row["id"], sample, sample_key(settings, row["prompt"], row["answer"]))
                        for label, rows in problems.items() for row in rows for sample in range(args.num_samples)]
     wanted_set = set(wanted)
@@ -650,6 +661,7 @@ def main(args: EvalArguments, backends: dict[str, Backend] | None = None) -> lis
                         "by_num_steps": {steps: asdict(plan) for steps, plan in plans.items()}},
         "config": asdict(args),
         "checkpoints": checkpoints,
+        "model_fingerprint": base_fingerprint,
         "checkpoint_fingerprints": fingerprints,
         "benchmarks": benchmarks,
         "prompt": {"format": args.prompt_format, "system_prompt": args.system_prompt,
