@@ -71,8 +71,15 @@ from trl import TrlParser
 
 import data
 import rewards
-from generation import (MEMORY_HEADROOM, HuginnEngine, MemoryPlan, free_memory_bytes, generation_copy, model_weight_bytes,
-                        plan_generation_memory)
+from generation import (
+    MEMORY_HEADROOM,
+    HuginnEngine,
+    MemoryPlan,
+    free_memory_bytes,
+    generation_copy,
+    model_weight_bytes,
+    plan_generation_memory,
+)
 from modeling_huginn_qlora import nf4_quantization_config
 from tiny import resolve_model_path
 
