@@ -18,6 +18,7 @@ from transformers import AutoTokenizer
 
 import rewards
 import tiny
+from modeling_huginn_qlora import HUGINN_CHAT_TEMPLATE, PAD, SPECIAL_TOKENS
 
 logger = logging.getLogger(__name__)
 
@@ -46,19 +47,19 @@ class DataError(ValueError):
 
 
 def load_tokenizer(model_name_or_path: str, revision: str | None = None):
-    """The model's tokenizer (left padding, for generation) with Huginn's chat template (tiny.HUGINN_CHAT_TEMPLATE),
+    """The model's tokenizer (left padding, for generation) with Huginn's chat template (HUGINN_CHAT_TEMPLATE),
     whatever template the checkpoint ships: SFT, GRPO and evaluation render alike, with the `{% generation %}`
     markers the assistant-only loss needs. Raises ValueError when a special token the template writes is missing."""
     tokenizer = AutoTokenizer.from_pretrained(tiny.resolve_model_path(model_name_or_path), revision=revision,
                                               padding_side="left")
-    missing = [token for token in tiny.SPECIAL_TOKENS if token not in tokenizer.get_vocab()]
+    missing = [token for token in SPECIAL_TOKENS if token not in tokenizer.get_vocab()]
     if missing:
         raise ValueError(f"{model_name_or_path}: the tokenizer lacks Huginn's special tokens {missing}")
-    if tokenizer.chat_template != tiny.HUGINN_CHAT_TEMPLATE:
+    if tokenizer.chat_template != HUGINN_CHAT_TEMPLATE:
         logger.info(f"{model_name_or_path}: using Huginn's chat template instead of the tokenizer's own")
-        tokenizer.chat_template = tiny.HUGINN_CHAT_TEMPLATE
+        tokenizer.chat_template = HUGINN_CHAT_TEMPLATE
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = tiny.PAD
+        tokenizer.pad_token = PAD
     return tokenizer
 
 

@@ -40,6 +40,31 @@ from transformers.generation.logits_process import (
 from transformers.utils import ModelOutput
 
 
+# Huginn's special tokens, ids 65504..65509 of the published vocabulary in this order (the tiny default's tokenizer
+# puts them after its byte and word tokens).
+BOS, EOS, BEGIN_HEADER, END_HEADER, END_TURN, PAD = (
+    "<|begin_text|>", "<|end_text|>", "<|begin_header|>", "<|end_header|>", "<|end_turn|>", "<|pad|>")
+SPECIAL_TOKENS = [BOS, EOS, BEGIN_HEADER, END_HEADER, END_TURN, PAD]
+
+# Huginn's chat format, as the authors' checkpoint converter writes it: the first message opens with <|begin_text|>;
+# each message is <|begin_header|>{role}<|end_header|>\n\n{content, stripped}<|end_turn|>, the assistant's role
+# rendered as "Huginn"; the assistant's content and <|end_turn|> sit in `{% generation %}` (the tokens an
+# assistant-only loss trains on); then either the generation prompt or, closing a finished conversation,
+# <|end_text|> (outside the generation block: not trained on). Literal tokens, not `bos_token`, so the rendering does
+# not depend on how a checkpoint's tokenizer names its special tokens.
+HUGINN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first %}{{ '<|begin_text|>' }}{% endif %}"
+    "{% set is_huginn = message['role'] in ('assistant', 'Huginn') %}"
+    "{{ '<|begin_header|>' + ('Huginn' if is_huginn else message['role']) + '<|end_header|>\n\n' }}"
+    "{% if is_huginn %}{% generation %}{{ message['content'] | trim + '<|end_turn|>' }}{% endgeneration %}"
+    "{% else %}{{ message['content'] | trim + '<|end_turn|>' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|begin_header|>Huginn<|end_header|>\n\n' }}"
+    "{% else %}{{ '<|end_text|>' }}{% endif %}"
+)
+
+
 class HuginnConfig(PreTrainedConfig):
     """Reads the published `config.json` field names; `auto_map` and bookkeeping fields are kept but unused."""
 

@@ -81,7 +81,7 @@ import train_sft  # noqa: E402
 import training  # noqa: E402
 from benchmarks.bench_generate import NEVER, full_size_model, peak_gib, reset_peak, synchronize  # noqa: E402
 from generation import HuginnEngine  # noqa: E402
-from modeling_huginn_qlora import HuginnConfig, HuginnForCausalLM  # noqa: E402
+from modeling_huginn_qlora import END_TURN, HuginnConfig, HuginnForCausalLM  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results_gpu.md"
 PARTS = ("load", "decode", "sft", "grpo", "eval")
@@ -227,7 +227,7 @@ def random_model(sizes: Sizes, device: torch.device) -> HuginnForCausalLM:
 def save_checkpoint(model: HuginnForCausalLM, path: Path) -> None:
     """The model with the tiny tokenizer (its ids are all < 65536) and its end tokens, as a normal HF directory."""
     tokenizer = tiny.build_tiny_tokenizer()
-    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(tiny.END_TURN)]
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END_TURN)]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -1,4 +1,4 @@
-"""Huginn's chat template (tiny.HUGINN_CHAT_TEMPLATE): rendered strings against the authors' format written out by
+"""Huginn's chat template (HUGINN_CHAT_TEMPLATE): rendered strings against the authors' format written out by
 hand, the assistant-only loss mask, and that every tokenizer the stages load gets the template."""
 
 import pytest
@@ -7,6 +7,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 import data
 import tiny
+from modeling_huginn_qlora import HUGINN_CHAT_TEMPLATE, SPECIAL_TOKENS
 
 SYSTEM = {"role": "system", "content": "  Be brief.\n"}
 USER = {"role": "user", "content": "\nWhat is 2+2?  "}
@@ -77,7 +78,7 @@ def test_sft_example_supervises_the_answer_not_the_closing_end_text(tokenizer):
 
 def test_padded_tokenizer_has_the_published_special_ids_and_encodes_text_alike(tokenizer):
     padded = tiny.build_tiny_tokenizer(first_special_id=65504)
-    assert padded.convert_tokens_to_ids(tiny.SPECIAL_TOKENS) == list(range(65504, 65510))
+    assert padded.convert_tokens_to_ids(SPECIAL_TOKENS) == list(range(65504, 65510))
     assert (padded.bos_token_id, padded.eos_token_id, padded.pad_token_id) == (65504, 65505, 65509)
     text = "What is 3+4? <filler_300> \\boxed{7}"  # a filler's spelling encodes as bytes, never as the filler
     assert padded(text).input_ids == tokenizer(text).input_ids
@@ -87,13 +88,13 @@ def test_padded_tokenizer_has_the_published_special_ids_and_encodes_text_alike(t
 
 def test_every_loaded_tokenizer_gets_the_template(tmp_path):
     built = tiny.build_tiny_default(tmp_path / "tiny")
-    assert AutoTokenizer.from_pretrained(built).chat_template == tiny.HUGINN_CHAT_TEMPLATE
+    assert AutoTokenizer.from_pretrained(built).chat_template == HUGINN_CHAT_TEMPLATE
     other = tiny.build_tiny_tokenizer(first_special_id=65504)
     # a checkpoint's own template, with generation markers: replaced all the same, so every stage renders alike
     other.chat_template = "{% for m in messages %}{% generation %}{{ m['content'] }}{% endgeneration %}{% endfor %}"
     other.save_pretrained(tmp_path / "other")
     loaded = data.load_tokenizer(str(tmp_path / "other"))
-    assert loaded.chat_template == tiny.HUGINN_CHAT_TEMPLATE and loaded.padding_side == "left"
+    assert loaded.chat_template == HUGINN_CHAT_TEMPLATE and loaded.padding_side == "left"
 
 
 def test_tokenizer_without_huginn_special_tokens_is_refused(tmp_path):

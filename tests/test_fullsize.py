@@ -15,7 +15,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 import data
 import tiny
-from modeling_huginn_qlora import HuginnConfig, HuginnForCausalLM, nf4_quantization_config
+from modeling_huginn_qlora import (
+    HUGINN_CHAT_TEMPLATE,
+    SPECIAL_TOKENS,
+    HuginnConfig,
+    HuginnForCausalLM,
+    nf4_quantization_config,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO.parent / "shared" / "reference"
@@ -65,8 +71,8 @@ def test_smoke_checkpoint_has_the_published_layout(tmp_path):
 
     assert GenerationConfig.from_pretrained(checkpoint).eos_token_id == 65505  # as published: <|end_text|> only
     tokenizer = data.load_tokenizer(str(checkpoint))
-    assert tokenizer.convert_tokens_to_ids(tiny.SPECIAL_TOKENS) == list(range(65504, 65510))
-    assert tokenizer.chat_template == tiny.HUGINN_CHAT_TEMPLATE  # the checkpoint ships none
+    assert tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS) == list(range(65504, 65510))
+    assert tokenizer.chat_template == HUGINN_CHAT_TEMPLATE  # the checkpoint ships none
 
 
 @pytest.mark.parametrize("width", [96, 128])
