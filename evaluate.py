@@ -335,7 +335,7 @@ class SampleSink:
         requests, completions = zip(*self.pending)
         for record in score(list(requests), list(completions), self.is_gsm8k, self.args):
             self.file.write(json.dumps(record) + "\n")
-            self.records[record_key(record)] = record
+            self.records[SampleRef.of(record)] = record
         self.file.flush()
         self.progress.update(len(self.pending))
         self.pending, self.clock = [], time.perf_counter()  # grading time is not generation time
@@ -463,9 +463,22 @@ def read_samples(path: Path) -> list[dict]:
     return records
 
 
-def record_key(record: dict) -> tuple:
-    return (record["checkpoint"], record["benchmark"], record["steps"], record["id"], record["sample"],
-            record.get("key"))
+@dataclass(frozen=True)
+class SampleRef:
+    """One sample of one problem: resume reuses a record of samples.jsonl only when all six fields match, `key` being
+    the hash of every setting that changes the completion (sample_key)."""
+
+    checkpoint: str
+    benchmark: str
+    steps: int
+    id: str | int
+    sample: int
+    key: str | None
+
+    @classmethod
+    def of(cls, record: dict) -> "SampleRef":
+        return cls(record["checkpoint"], record["benchmark"], record["steps"], record["id"], record["sample"],
+                   record.get("key"))
 
 
 def files_fingerprint(source: str, patterns: tuple[str, ...]) -> str:
@@ -588,6 +601,45 @@ def check_arguments(args: EvalArguments) -> None:
         raise ValueError(f"gsm8k_cot has {available} exemplars, num_fewshot is {args.num_fewshot}")
 
 
+def wanted_samples(args: EvalArguments, problems: dict[str, list[dict]], plans: dict[int, MemoryPlan],
+                   base_fingerprint: str, fingerprints: dict[str, str | None]) -> list[SampleRef]:
+    """Every sample the run reports: checkpoint x depth x benchmark x problem x sample index."""
+    wanted = []
+    for checkpoint, fingerprint in fingerprints.items():
+        for steps in args.num_steps:
+            settings = completion_settings(args, base_fingerprint, fingerprint, steps, plans[steps])
+            wanted += [SampleRef(checkpoint, label, steps, row["id"], sample,
+                                 sample_key(settings, row["prompt"], row["answer"]))
+                       for label, rows in problems.items() for row in rows for sample in range(args.num_samples)]
+    return wanted
+
+
+def requests_for(refs: list[SampleRef], rows: list[dict], seed: int) -> list[dict]:
+    """The backend's requests for `refs` (one benchmark's samples), longest prompts first: a batch's long prompts
+    start together instead of holding up the last batch. A sample's seed is a pure function of what it is."""
+    row_of = {row["id"]: row for row in rows}
+    requests = [dict(row_of[ref.id], **asdict(ref), seed=stable_seed(seed, ref.benchmark, ref.id, ref.sample))
+                for ref in refs]
+    return sorted(requests, key=lambda request: -len(request["prompt"]))
+
+
+def decode_into(sink: SampleSink, backend: Backend, requests: list[dict], steps: int, plan: MemoryPlan) -> None:
+    backend(requests, steps, plan.kv_cache_slots, lambda index, done: sink.add(requests[index], done))
+    sink.flush()
+
+
+def result_cells(records: dict[SampleRef, dict], checkpoints: list[str], benchmarks: list[str],
+                 plans: dict[int, MemoryPlan], num_samples: int) -> list[dict]:
+    """One cell per checkpoint x benchmark x depth: its metrics and the memory plan it ran with."""
+    groups = defaultdict(list)
+    for ref, record in records.items():
+        groups[ref.checkpoint, ref.benchmark, ref.steps].append(record)
+    return [{"checkpoint": checkpoint, "benchmark": label, "num_steps": steps,
+             **summarise(groups[checkpoint, label, steps], num_samples), "batch_size": plan.batch_size,
+             "kv_cache_slots": plan.kv_cache_slots}  # None: exact, one slot per step
+            for checkpoint in checkpoints for label in benchmarks for steps, plan in plans.items()]
+
+
 def main(args: EvalArguments, backends: dict[str, Backend] | None = None) -> list[dict]:
     """Evaluate every checkpoint x benchmark x steps; returns the result cells (also in results.json).
     `backends` (label -> Backend) replaces loading the model and adapters, e.g. by an oracle in tests."""
@@ -615,53 +667,35 @@ def main(args: EvalArguments, backends: dict[str, Backend] | None = None) -> lis
 
     output_dir.mkdir(parents=True, exist_ok=True)
     samples_path = output_dir / "samples.jsonl"
-    rows_by_id = {(label, row["id"]): row for label, rows in problems.items() for row in rows}
     base_fingerprint = model_fingerprint(args.model_name_or_path)
     fingerprints = {checkpoint: adapter if adapter in (None, "base") else adapter_fingerprint(adapter)
                     for checkpoint, adapter in checkpoints.items()}
-    wanted = []  # (checkpoint, benchmark, steps, id, sample, key)
-    for checkpoint in checkpoints:
-        for steps in args.num_steps:
-            settings = completion_settings(args, base_fingerprint, fingerprints[checkpoint], steps, plans[steps])
-            wanted += [(checkpoint, label, steps, row["id"], sample, sample_key(settings, row["prompt"], row["answer"]))
-                       for label, rows in problems.items() for row in rows for sample in range(args.num_samples)]
+    wanted = wanted_samples(args, problems, plans, base_fingerprint, fingerprints)
     wanted_set = set(wanted)
-    records = {record_key(r): r for r in read_samples(samples_path) if record_key(r) in wanted_set}
-    pending = [key for key in wanted if key not in records]
+    records = {SampleRef.of(r): r for r in read_samples(samples_path) if SampleRef.of(r) in wanted_set}
+    pending = [ref for ref in wanted if ref not in records]
     print(f"{len(wanted)} samples wanted, {len(records)} already in {samples_path}, {len(pending)} to generate")
 
     progress = tqdm(total=len(pending), desc="generating", unit="sample", dynamic_ncols=True)
     with open(samples_path, "a", encoding="utf-8") as samples_file:
         for checkpoint, adapter in checkpoints.items():
-            todo = [key for key in pending if key[0] == checkpoint]
+            todo = [ref for ref in pending if ref.checkpoint == checkpoint]
             if not todo:
                 continue
             backend = backends[checkpoint] if backends is not None else HuginnBackend(
                 args, None if adapter == "base" else adapter, plans, prompt_length)
             for steps, plan in plans.items():
                 for label in problems:
-                    group = [key for key in todo if key[1:3] == (label, steps)]
-                    group.sort(key=lambda key: -len(rows_by_id[label, key[3]]["prompt"]))  # long ones first
-                    requests = [dict(rows_by_id[label, id_], checkpoint=checkpoint, benchmark=label, steps=steps,
-                                     sample=sample, key=key, seed=stable_seed(args.seed, label, id_, sample))
-                                for _, _, _, id_, sample, key in group]
+                    group = [ref for ref in todo if (ref.benchmark, ref.steps) == (label, steps)]
                     sink = SampleSink(samples_file, records, progress, is_gsm8k[label], args, plan.batch_size)
-                    backend(requests, steps, plan.kv_cache_slots, lambda index, done: sink.add(requests[index], done))
-                    sink.flush()
+                    decode_into(sink, backend, requests_for(group, problems[label], args.seed), steps, plan)
             del backend
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     progress.close()
 
-    cells = []
-    for checkpoint in checkpoints:
-        for label in problems:
-            for steps, plan in plans.items():
-                group = [r for key, r in records.items() if key[:3] == (checkpoint, label, steps)]
-                cells.append({"checkpoint": checkpoint, "benchmark": label, "num_steps": steps,
-                              **summarise(group, args.num_samples), "batch_size": plan.batch_size,
-                              "kv_cache_slots": plan.kv_cache_slots})  # None: exact, one slot per step
+    cells = result_cells(records, list(checkpoints), list(problems), plans, args.num_samples)
     results = {
         "results": cells,
         "memory_plan": {"budget_source": budget_source, "longest_prompt_tokens": prompt_length,
