@@ -54,6 +54,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -171,25 +172,30 @@ class PartTimeout(Exception):
 
 @contextmanager
 def time_limit(seconds: float):
-    """Interrupts the main thread after `seconds`. A watchdog thread rather than SIGALRM, which libraries (e.g.
-    math-verify's timeouts) set and cancel for themselves."""
+    """Raises PartTimeout in the main thread after `seconds`: a watchdog thread interrupts the main thread, whose
+    SIGINT handler (ours, for the duration) turns that into PartTimeout. Not SIGALRM, which libraries (e.g.
+    math-verify's timeouts) set and cancel for themselves. Our own handler because Python installs none when the
+    parent process ignores SIGINT (a background job of a non-interactive shell), and the interrupt is then dropped."""
     fired = threading.Event()
+
+    def on_interrupt(signum, frame):
+        if fired.is_set():
+            raise PartTimeout(f"over its {seconds} s limit")
+        raise KeyboardInterrupt  # a real Ctrl-C
 
     def interrupt():
         fired.set()
         _thread.interrupt_main()
 
+    previous_handler = signal.signal(signal.SIGINT, on_interrupt)
     timer = threading.Timer(seconds, interrupt)
     timer.daemon = True
     timer.start()
     try:
         yield
-    except KeyboardInterrupt:
-        if fired.is_set():
-            raise PartTimeout(f"over its {seconds} s limit") from None
-        raise
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, previous_handler)
 
 
 def run_part(name: str, part, ctx: Context) -> dict:

@@ -3,6 +3,7 @@ while the later parts still run, and the per-part time limit."""
 
 import importlib.util
 import json
+import signal
 import time
 from numbers import Number
 from pathlib import Path
@@ -80,10 +81,18 @@ def test_failing_part_is_recorded_and_later_parts_still_run(tmp_path, monkeypatc
     assert "| sft | no |" in section and "injected SFT failure" in section and "| grpo | yes |" in section
 
 
-def test_time_limit_interrupts_a_running_part():
-    start = time.perf_counter()
-    with pytest.raises(gpu_check.PartTimeout):
-        with gpu_check.time_limit(0.2):
-            while time.perf_counter() - start < 10:
-                pass
-    assert time.perf_counter() - start < 5
+@pytest.mark.parametrize("inherited_sigint", [signal.default_int_handler, signal.SIG_IGN])
+def test_time_limit_interrupts_a_running_part(inherited_sigint):
+    """Also where the parent ignores SIGINT (a background job of a non-interactive shell: Python then installs no
+    handler of its own), and the handler is restored afterwards."""
+    previous = signal.signal(signal.SIGINT, inherited_sigint)
+    try:
+        start = time.perf_counter()
+        with pytest.raises(gpu_check.PartTimeout):
+            with gpu_check.time_limit(0.2):
+                while time.perf_counter() - start < 60:
+                    pass
+        assert time.perf_counter() - start < 30
+        assert signal.getsignal(signal.SIGINT) is inherited_sigint
+    finally:
+        signal.signal(signal.SIGINT, previous)
