@@ -661,10 +661,13 @@ def _needs_copy(model) -> bool:
 
 
 def free_memory_bytes(device: torch.device) -> int:
-    """What new allocations can take: the free GPU memory; on CPU the kernel's MemAvailable (free RAM plus the page
-    cache it can reclaim: free RAM alone shrinks to little on a machine that has read large files), else free RAM."""
+    """What new allocations can take. GPU: the free memory plus what PyTorch's allocator holds cached but unused
+    (after a backward pass that is most of the activations' memory, which mem_get_info counts as taken). CPU: the
+    kernel's MemAvailable (free RAM plus the page cache it can reclaim: free RAM alone shrinks to little on a
+    machine that has read large files), else free RAM."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        cached_unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached_unused
     try:
         with open("/proc/meminfo") as meminfo:
             return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
@@ -675,7 +678,7 @@ def free_memory_bytes(device: torch.device) -> int:
 def pick_generation_model(model, max_batch_size: int, max_length: int, kv_cache_slots: int = 1,
                           dtype: torch.dtype = torch.bfloat16, free_bytes: int | None = None, headroom: float = 0.8):
     """The model to generate with. For an NF4 and/or LoRA model: its dense `generation_copy` when the copy (7 GB at
-    full size in bf16) plus the engine's KV cache fit in `headroom` of the free memory (GPU: torch.cuda.mem_get_info),
+    full size in bf16) plus the engine's KV cache fit in `headroom` of the free memory (free_memory_bytes),
     since NF4 decoding runs ~2x slower than bf16 at every batch size; else the model itself (slower, no extra
     memory). A plain dense model is returned as is."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model

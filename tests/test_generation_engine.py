@@ -13,6 +13,7 @@ from generation import (
     DEFAULT_EXIT_THRESHOLD,
     EngineKVCache,
     HuginnEngine,
+    free_memory_bytes,
     generation_copy,
     kv_cache_bytes_per_token,
     pick_generation_model,
@@ -287,6 +288,16 @@ def test_pick_generation_model_by_free_memory(model, nf4_lora_model):
     assert pick_generation_model(nf4_lora_model, 4, 64, free_bytes=0) is nf4_lora_model
     picked = pick_generation_model(nf4_lora_model, 4, 64, dtype=torch.float32, free_bytes=2**40)
     assert isinstance(picked, HuginnForCausalLM) and picked is not nf4_lora_model.get_base_model()
+
+
+def test_free_gpu_memory_counts_what_the_allocator_holds_unused(monkeypatch):
+    """From GRPO's second round on, PyTorch keeps the backward pass's memory cached: mem_get_info counts it as taken,
+    yet the rollout copy's allocations reuse it. Counted as free, the copy (7.1 GB at full size) is still chosen."""
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 60 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 40 * gib)
+    assert free_memory_bytes(torch.device("cuda")) == 22 * gib
 
 
 # --- benchmark ----------------------------------------------------------------------------------------------------
