@@ -25,6 +25,7 @@ the system prompt of every stage, so SFT, GRPO and evaluation render the same pr
 
 import argparse
 import json
+import math
 import random
 import shutil
 import sys
@@ -204,6 +205,28 @@ def learning_effects(greedy: list[dict], sampled: list[dict]) -> dict[str, tuple
     }
 
 
+def greedy_changes(samples_path: Path, before: str, after: str, num_steps: int) -> dict[str, float]:
+    """The paired comparison of two checkpoints' greedy answers on the same problems: how many `after` fixes
+    (`before` wrong, `after` right) and breaks, and the 95% interval of the accuracy difference for matched pairs.
+    Paired, it is far tighter than comparing two accuracies: problems both get right or wrong add no noise."""
+    latest = {}  # a resumed run's file can hold older samples of the same problem: the last one counts
+    for line in samples_path.read_text().splitlines():
+        record = json.loads(line)
+        if record["steps"] == num_steps and record["checkpoint"] in (before, after):
+            latest[record["checkpoint"], record["benchmark"], record["id"]] = record["correct"]
+    problems = {(benchmark, id_) for checkpoint, benchmark, id_ in latest if checkpoint == before}
+    pairs = [(latest[(before, *problem)], latest.get((after, *problem))) for problem in problems]
+    if any(after_correct is None for _, after_correct in pairs):
+        raise ValueError(f"{samples_path}: {after} lacks some of {before}'s problems at {num_steps} steps")
+    fixed = sum(not was and now for was, now in pairs)
+    broken = sum(was and not now for was, now in pairs)
+    n = len(pairs)
+    half_width = 1.96 * math.sqrt(max(fixed + broken - (fixed - broken) ** 2 / n, 0.0)) / n
+    difference = (fixed - broken) / n
+    return {"fixed": fixed, "broken": broken, "n": n, "difference": difference,
+            "ci95_low": difference - half_width, "ci95_high": difference + half_width}
+
+
 def results_table(greedy: list[dict], sampled: list[dict], temperature: float) -> str:
     steps = sorted({cell["num_steps"] for cell in greedy})
     cell_of = {(c["checkpoint"], c["benchmark"], c["num_steps"]): c for c in greedy}
@@ -252,10 +275,15 @@ def write_report(output_dir: Path, seconds: dict[str, float]) -> Path:
     shutil.copy(output_dir / "eval" / "eval" / "accuracy_vs_steps.png", report_dir / "accuracy_vs_steps.png")
     plot_training_curves(output_dir, report_dir / "training_curves.png")
     timings = ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items())
+    depth = max(cell["num_steps"] for cell in greedy["results"])
+    changes = greedy_changes(output_dir / "eval" / "eval" / "samples.jsonl", "sft", "grpo", depth)
     (report_dir / "results.md").write_text(
         f"# Tiny pipeline results ({date.today()}, seed {greedy['config']['seed']})\n\n"
         f"Accuracy on the held-out tiny sums by recurrent steps (greedy), and mean correctness reward.\n\n"
         f"{results_table(greedy['results'], sampled['results'], sampled['config']['temperature'])}\n\n"
+        f"GRPO against SFT, greedy at {depth} steps, problem by problem: {changes['fixed']} fixed, "
+        f"{changes['broken']} broken of {changes['n']} ({100 * changes['difference']:+.1f} points, 95% interval "
+        f"{100 * changes['ci95_low']:+.1f} to {100 * changes['ci95_high']:+.1f}).\n\n"
         f"Stage wall times: {timings} (total {sum(seconds.values()) / 60:.1f} min).\n\n"
         "![accuracy versus steps](accuracy_vs_steps.png)\n\n![training curves](training_curves.png)\n")
     return report_dir

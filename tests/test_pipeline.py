@@ -117,3 +117,24 @@ def test_grpo_bandit_moves_the_rewarded_first_token_both_ways(pipeline_run, sign
     assert 0.2 <= rates[0] <= 0.8  # neither target is reached at the start
     final = sum(rates[-5:]) / 5
     assert final >= 0.9 if sign > 0 else final <= 0.1
+
+
+def test_greedy_changes_pairs_problems_and_takes_the_latest_sample(tmp_path):
+    def record(checkpoint, id_, correct, steps=8, benchmark="gsm8k_test"):
+        return {"checkpoint": checkpoint, "benchmark": benchmark, "steps": steps, "id": id_, "correct": correct}
+
+    sft = [True, True, False, False, True, False]
+    grpo = [True, False, True, True, True, False]  # problem 1 broken, problems 2 and 3 fixed
+    records = [record("grpo", 0, False), record("sft", 9, True, steps=1)]  # superseded, and another depth
+    records += [record("sft", i, c) for i, c in enumerate(sft)] + [record("grpo", i, c) for i, c in enumerate(grpo)]
+    records.append(record("base", 0, False))
+    path = tmp_path / "samples.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    changes = pipeline.greedy_changes(path, "sft", "grpo", 8)
+    assert (changes["fixed"], changes["broken"], changes["n"]) == (2, 1, 6)
+    assert changes["difference"] == pytest.approx(1 / 6)
+    # matched pairs: var = (b + c - (b - c)^2 / n) / n^2 = (3 - 1/6) / 36
+    assert changes["ci95_high"] - changes["difference"] == pytest.approx(1.96 * (17 / 6) ** 0.5 / 6)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records[:-3]))  # grpo lacks problems 4 and 5
+    with pytest.raises(ValueError, match="grpo lacks"):
+        pipeline.greedy_changes(path, "sft", "grpo", 8)
