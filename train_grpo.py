@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 from datasets import Dataset
 from peft import PeftModel
-from peft.utils.other import _set_trainable
+from peft.utils.other import _set_trainable  # private: fenced, see training.LIBRARY_INTERNALS
 from transformers import set_seed
 from trl import GRPOConfig, GRPOTrainer, ModelConfig
 from trl.models import unwrap_model_for_generation
@@ -94,7 +94,8 @@ class ScriptArguments(SafetyArguments):
 class HuginnGRPOTrainer(SafeTrainerMixin, GRPOTrainer):
     """GRPOTrainer with Huginn's recurrence fixed per generation round (depth and initial-state seed), rollouts that
     return their own per-token log-probabilities for TRL's sampler-mismatch correction, a policy without dropout,
-    the interruption safety of training.py, and the rollout/train time split logged."""
+    the interruption safety of training.py, and the rollout/train time split logged. The TRL methods it overrides
+    are listed in training.LIBRARY_INTERNALS."""
 
     def __init__(self, *args, rollout_num_steps: list[int], backprop_steps: int, state_seed: int,
                  final_norm_learning_rate: float = 0.0, rollout_batch_size: int | None = None, **kwargs):
@@ -111,7 +112,8 @@ class HuginnGRPOTrainer(SafeTrainerMixin, GRPOTrainer):
         # TRL corrects for a sampler that differs from the trained forward (truncated importance sampling over the
         # sampler's own log-probs, and its mismatch metrics) only on its vLLM path, which it recognises by
         # `use_vllm`. Our rollouts are such a sampler (shared KV slots approximate the exact forward) and
-        # `_generate_single_turn` below replaces the one vLLM call, so the correction is TRL's own code.
+        # `_generate_single_turn` below replaces the one vLLM call, so the correction is TRL's own code. Where TRL
+        # reads the flag: training.USE_VLLM_READERS (fenced by tests/test_library_fence.py).
         self.use_vllm = True
         disable_lora_dropout(self.model)  # after TRL made its "ref" adapter, a copy of the SFT adapter's config
         if self.args.learning_rate == 0:  # the LoRA is held: computing its gradients would be wasted work

@@ -1,6 +1,7 @@
 """What train_sft.py and train_grpo.py share: config parsing, model loading (NF4 + LoRA) and an interruption-safe
 trainer (`SafeTrainerMixin`): atomic checkpoints that carry the depth sampler's state, a checkpoint and a clean exit
-on SIGTERM, a guard that skips NaN/Inf updates, and logging of the recurrence depth.
+on SIGTERM, a guard that skips NaN/Inf updates, and logging of the recurrence depth. `LIBRARY_INTERNALS` and
+`USE_VLLM_READERS` list the TRL / transformers / PEFT internals both trainers override or rely on.
 
     class HuginnSFTTrainer(SafeTrainerMixin, SFTTrainer): ...
     trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
@@ -290,3 +291,76 @@ class _StepGuardCallback(TrainerCallback):
         if self.trainer.stopped_by_signal:  # agreed by all ranks, so all of them save
             control.should_save = True
             control.should_training_stop = True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The library internals the trainers rely on (checked by tests/test_library_fence.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LibraryInternal:
+    """A TRL / transformers / PEFT method or function whose signature our code relies on."""
+
+    owner: str  # the library class or module that defines it
+    name: str
+    parameters: tuple[str, ...]  # its leading parameters (after self), in the order our code receives or passes them
+    overridden_by: str | None  # our trainer class that overrides it; None: our code calls it
+    why: str
+
+
+# Every library method our trainers override (bar `__init__` and `train`, which forward *args and **kwargs), and the
+# private PEFT function train_grpo.py calls. A TRL, transformers or PEFT release that renames, reorders or drops one
+# of these parameters would bind arguments to the wrong names or skip our code without an error; the fence test
+# fails instead. pyproject.toml pins TRL and PEFT to the minor versions it passed on.
+LIBRARY_INTERNALS = (
+    LibraryInternal("transformers.Trainer", "training_step", ("model", "inputs", "num_items_in_batch"),
+                    "SafeTrainerMixin", "records each forward's recurrence depth and whether its loss is finite"),
+    LibraryInternal("transformers.Trainer", "log", ("logs", "start_time"), "SafeTrainerMixin",
+                    "adds mean_depth, mean_backprop_depth and nonfinite_skipped_steps to training logs"),
+    LibraryInternal("transformers.Trainer", "_get_output_dir", ("trial",), "SafeTrainerMixin",
+                    "points the checkpoint root at the staging directory while a checkpoint is written"),
+    LibraryInternal("transformers.Trainer", "_save_checkpoint", ("model", "trial"), "SafeTrainerMixin",
+                    "writes the checkpoint into staging, then renames it into place and rotates checkpoints"),
+    LibraryInternal("transformers.Trainer", "_save_rng_state", ("output_dir",), "SafeTrainerMixin",
+                    "saves the depth sampler's generator with the RNG states"),
+    LibraryInternal("transformers.Trainer", "_load_rng_state", ("checkpoint",), "SafeTrainerMixin",
+                    "restores the depth sampler's generator on resume"),
+    LibraryInternal("transformers.Trainer", "compute_loss",
+                    ("model", "inputs", "return_outputs", "num_items_in_batch"), "HuginnSFTTrainer",
+                    "passes the fixed recurrence depth (num_steps) to the model"),
+    LibraryInternal("transformers.Trainer", "compute_loss",
+                    ("model", "inputs", "return_outputs", "num_items_in_batch"), "HuginnGRPOTrainer",
+                    "runs the loss at its rollout's depth and initial state; counts the loss's tokens"),
+    LibraryInternal("transformers.Trainer", "training_step", ("model", "inputs", "num_items_in_batch"),
+                    "HuginnGRPOTrainer", "logs the loss's time apart from the rollout's"),
+    LibraryInternal("transformers.Trainer", "create_optimizer", ("model",), "HuginnGRPOTrainer",
+                    "gives the final norm's gain a parameter group of its own learning rate"),
+    LibraryInternal("trl.GRPOTrainer", "_generate_single_turn",
+                    ("prompt_ids", "images", "multimodal_fields", "num_generations", "has_tool_images"),
+                    "HuginnGRPOTrainer", "replaces TRL's vLLM / transformers generation: HuginnEngine decodes the "
+                    "rollouts and returns (completion token ids, their log-probs), as vLLM's path does"),
+    LibraryInternal("trl.GRPOTrainer", "_generate_and_score_completions", ("inputs",), "HuginnGRPOTrainer",
+                    "fixes the round's depth and initial state around rollout and scoring; logs rollout metrics"),
+    LibraryInternal("trl.GRPOTrainer", "_get_per_token_logps_and_entropies",
+                    ("model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy",
+                     "compute_aux_loss"),
+                    "HuginnGRPOTrainer", "computes TRL's per-token log-probs on packed rows, a group's prompt once"),
+    LibraryInternal("peft.utils.other", "_set_trainable", ("model", "adapter_name", "module_names", "inference_mode"),
+                    None, "train_grpo.load_policy: makes the final norm a module to save of an SFT adapter that "
+                    "lacks it, wrapped as PEFT wraps its own"),
+)
+
+# HuginnGRPOTrainer sets `use_vllm = True` after GRPOTrainer.__init__ so that TRL's correction for a sampler that
+# differs from the trained forward (truncated importance sampling over the sampler's log-probs, and its metrics)
+# runs for our rollouts. Every GRPOTrainer method that reads the flag, and why the trick is safe there; the fence
+# test fails on a method that reads it and is not listed.
+USE_VLLM_READERS = {
+    "__init__": "reads it before HuginnGRPOTrainer sets it: no vLLM engine is built",
+    "_generate_single_turn": "overridden: HuginnEngine replaces the vLLM call",
+    "_generate": "reads it only with a rollout_func, which we never pass",
+    "_tool_call_loop": "runs only with tools, which we never pass",
+    "_generate_and_score_completions": "the goal: old_per_token_logps against the sampler's sampling_per_token_logps "
+                                       "give importance_sampling_ratio, and the mismatch metrics",
+    "_compute_loss": "the goal: each token's loss weighted by importance_sampling_ratio",
+}
