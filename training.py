@@ -45,8 +45,14 @@ class SafetyArguments:
 
 def parse_args(script_args_class: type, training_args_class: type, args: list[str] | None = None) -> tuple:
     """(script_args, training_args, model_args) from `--config x.yaml` and CLI overrides. Unknown keys are errors:
-    TrlParser raises for YAML keys no dataclass has, HfArgumentParser for unknown CLI flags."""
-    return TrlParser((script_args_class, training_args_class, ModelConfig)).parse_args_and_config(args)
+    TrlParser raises for YAML keys no dataclass has, HfArgumentParser for unknown CLI flags. bf16 without a GPU
+    fails in transformers' TrainingArguments with "Your setup doesn't support bf16/gpu": it gets the likely cause."""
+    try:
+        return TrlParser((script_args_class, training_args_class, ModelConfig)).parse_args_and_config(args)
+    except ValueError as error:
+        if "bf16" in str(error) and not torch.cuda.is_available():
+            require_gpu(["bf16"], cpu_switch="use_cpu: true")
+        raise
 
 
 def setup_logging(training_args) -> None:
@@ -64,9 +70,31 @@ def setup_logging(training_args) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def gpu_missing_reason() -> str:
+    """Why torch sees no GPU, as far as this process can tell: a CPU build of torch, no driver, or a CUDA build newer
+    than the driver supports (pip's default torch wheel targets the newest CUDA)."""
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU build; install the CUDA build that matches `nvidia-smi`"
+    if shutil.which("nvidia-smi") is None:
+        return "no NVIDIA driver found (no nvidia-smi): this machine may have no GPU"
+    return (f"torch {torch.__version__} is built for CUDA {torch.version.cuda}; if the CUDA version `nvidia-smi` "
+            "shows is older, the driver cannot run this wheel: install the torch build for the driver's CUDA version")
+
+
+def require_gpu(settings: list[str], cpu_switch: str) -> None:
+    """A clear error, before anything loads, when GPU-only settings meet a torch that sees no GPU (else training
+    would crawl on the CPU, or fail deep in bitsandbytes)."""
+    if settings and not torch.cuda.is_available():
+        raise RuntimeError(f"{', '.join(settings)} asked for, but torch sees no GPU: {gpu_missing_reason()}. "
+                           f"To run on the CPU anyway, set {cpu_switch}.")
+
+
 def load_model(model_args: ModelConfig, training_args) -> PreTrainedModel:
     """Huginn in `model_args.dtype`; with `load_in_4bit`, NF4 + double quantization computing in that dtype (bf16
     when "auto"), placed on this process's device as bitsandbytes quantizes when weights move there."""
+    if not training_args.use_cpu:
+        require_gpu([name for name, asked in (("bf16", training_args.bf16), ("load_in_4bit", model_args.load_in_4bit))
+                     if asked], cpu_switch="use_cpu: true")
     dtype = getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else "auto"
     quantization = None
     if model_args.load_in_4bit:
