@@ -9,6 +9,7 @@ import yaml
 
 import data
 import pipeline
+import sampling_gap
 import train_grpo
 from training import parse_args
 
@@ -138,3 +139,18 @@ def test_greedy_changes_pairs_problems_and_takes_the_latest_sample(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in records[:-3]))  # grpo lacks problems 4 and 5
     with pytest.raises(ValueError, match="grpo lacks"):
         pipeline.greedy_changes(path, "sft", "grpo", 8)
+
+
+@pytest.mark.slow
+def test_sampling_gap_finds_the_tiny_sft_models_large_gap(pipeline_run, tmp_path):
+    """On the tiny SFT adapter, whose samples at temperature 1 are far worse than its greedy answers (README), the
+    command measures that and recommends sharpening the policy, as the tiny recipe does."""
+    output_dir, _ = pipeline_run
+    result = sampling_gap.main(sampling_gap.parse_args([
+        "--model_name_or_path", str(output_dir / "base"), "--adapter", str(output_dir / "sft"),
+        "--dataset", str(output_dir / "data" / "gsm8k_train.jsonl"), "--limit", "64", "--num_steps", "8",
+        "--num_samples", "4", "--temperatures", "1.0", "--max_new_tokens", "24", "--system_prompt", "",
+        "--output_dir", str(tmp_path)]))
+    print(result)
+    assert result["greedy_accuracy"] >= 0.4 and result["ratio"][1.0] < 0.6
+    assert result["recommendation"].startswith("large gap")
