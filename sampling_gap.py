@@ -10,7 +10,7 @@ cannot change) and a KL to the SFT policy to keep greedy answers (docs/tiny_stud
         --dataset gsm8k --split train --limit 300 --num_steps 32 --output_dir outputs/sampling-gap  # one GPU
 
 It runs evaluate.py on a seeded subset of a train split: greedy, then `num_samples` samples per problem at each of
-`temperatures` (top_p 1, as GRPO's rollouts), all at the rollout depth, and prints each temperature's sampled
+`temperatures` (top_p 1 and one shared KV slot, as GRPO's rollouts), all at the rollout depth, and prints each temperature's sampled
 accuracy as a fraction of the greedy accuracy with the setting it recommends (also in gap.json).
 """
 
@@ -62,6 +62,7 @@ def main(args: argparse.Namespace) -> dict:
     common = evaluate.EvalArguments(
         model_name_or_path=args.model_name_or_path, adapters=[f"sft={args.adapter}"], benchmarks=[str(problems)],
         num_steps=[args.num_steps], max_new_tokens=args.max_new_tokens, system_prompt=args.system_prompt,
+        batch_size=args.batch_size, kv_cache_slots=args.kv_cache_slots or None,
         load_in_4bit=args.load_in_4bit, seed=args.seed, output_dir=str(output_dir / "greedy"))
     greedy = accuracy(evaluate.main(common))
     sampled = {}
@@ -91,6 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_samples", type=int, default=4, help="samples per problem and temperature")
     parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.7])
     parser.add_argument("--max_new_tokens", type=int, default=512)
+    parser.add_argument("--batch_size", type=int, default=256, help="at most; the memory plan lowers it to fit")
+    parser.add_argument("--kv_cache_slots", type=int, default=1,
+                        help="1 (shared), as the full-size GRPO configs' rollouts; 0: exact, one slot per step")
     parser.add_argument("--system_prompt", default=data.SYSTEM_PROMPT, help="as in SFT and GRPO; '' for none")
     parser.add_argument("--load_in_4bit", action="store_true")
     parser.add_argument("--seed", type=int, default=0)

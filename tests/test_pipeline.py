@@ -150,6 +150,7 @@ def test_sampling_gap_finds_the_tiny_sft_models_large_gap(pipeline_run, tmp_path
         "--model_name_or_path", str(output_dir / "base"), "--adapter", str(output_dir / "sft"),
         "--dataset", str(output_dir / "data" / "gsm8k_train.jsonl"), "--limit", "64", "--num_steps", "8",
         "--num_samples", "4", "--temperatures", "1.0", "--max_new_tokens", "24", "--system_prompt", "",
+        "--kv_cache_slots", "0",  # exact caches, as the tiny GRPO's rollouts
         "--output_dir", str(tmp_path)]))
     print(result)
     assert result["greedy_accuracy"] >= 0.4 and result["ratio"][1.0] < 0.6
