@@ -372,10 +372,12 @@ def bill_gap(costs: Costs, card: str, args, config: str, num_gpus: int) -> Stage
     as_eval = evaluate.EvalArguments(
         model_name_or_path=args.model_name_or_path, adapters=[f"sft={args.adapter}"], benchmarks=["gsm8k"],
         limit=args.limit, num_steps=[args.num_steps], max_new_tokens=args.max_new_tokens,
-        num_samples=1 + args.num_samples * len(args.temperatures), load_in_4bit=args.load_in_4bit)
+        num_samples=1 + args.num_samples * len(args.temperatures), load_in_4bit=args.load_in_4bit,
+        batch_size=args.batch_size, kv_cache_slots=args.kv_cache_slots or None)
     stage = bill_eval(costs, card, as_eval, config, num_gpus)
     work = f"{args.limit} problems x (greedy + {args.num_samples} samples x {len(args.temperatures)} temperature(s))"
-    return replace(stage, name="gap check", work=f"{work}, exact KV cache",
+    slots = "exact KV cache" if not args.kv_cache_slots else f"{args.kv_cache_slots} shared KV slot(s)"
+    return replace(stage, name="gap check", work=f"{work}, {slots}",
                    gpu_seconds=stage.gpu_seconds + (runs - 1) * costs.assumptions["load_allowance_s"])
 
 
