@@ -640,16 +640,21 @@ def generation_copy(model, dtype: torch.dtype = torch.bfloat16) -> HuginnForCaus
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     with torch.device("meta"):
         dense = HuginnForCausalLM(base.config)
-    sources = {}  # dense parameter or buffer name -> the tensor `model` computes with there
+    state, running = {}, {}  # dense parameter or buffer name -> the tensor `model` computes with there (in `dtype`)
     for name, module in dense.named_modules():
         source = _running_module(base.get_submodule(name)) if name else base
         for key, _ in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            full_name = f"{name}.{key}" if name else key
             dense_linear = isinstance(module, nn.Linear) and key == "weight"
-            sources[f"{name}.{key}" if name else key] = _dense_weight(source) if dense_linear else getattr(source, key)
-    state = {name: tensor.detach().to(dtype) if name != "freqs_cis" else tensor.detach()
-             for name, tensor in sources.items()}
+            tensor = _dense_weight(source) if dense_linear else getattr(source, key)
+            if full_name in ("lm_head.weight", "transformer.wte.weight"):
+                running[full_name] = tensor
+            tensor = tensor.detach()
+            # Cast as collected: a merged weight is fp32 (2x bf16) and only one may exist at a time, else the
+            # full-size copy's peak holds 12.6 GB of fp32 weights beside the bf16 ones.
+            state[full_name] = tensor if key == "freqs_cis" else tensor.to(dtype)
     dense.load_state_dict(state, strict=True, assign=True)  # assigning unties lm_head from wte ...
-    if sources["lm_head.weight"] is sources["transformer.wte.weight"]:  # ... so tie them again where `model` does
+    if running["lm_head.weight"] is running["transformer.wte.weight"]:  # ... so tie them again where `model` does
         dense.lm_head.weight = dense.transformer.wte.weight
     dense.generation_config = base.generation_config
     return dense.eval()
