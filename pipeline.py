@@ -227,6 +227,25 @@ def greedy_changes(samples_path: Path, before: str, after: str, num_steps: int) 
             "ci95_low": difference - half_width, "ci95_high": difference + half_width}
 
 
+def training_reward_rise(run_dir: Path) -> float:
+    """GRPO's training reward, the mean of its last 5 logged steps minus its first 5 (training_curves.png)."""
+    history = json.loads((run_dir / "grpo" / "trainer_state.json").read_text())["log_history"]
+    rewards = [entry["reward"] for entry in history if "reward" in entry]
+    return sum(rewards[-5:]) / 5 - sum(rewards[:5]) / 5
+
+
+def run_effects(run_dir: Path) -> dict:
+    """A finished run's effects (accuracy and reward as fractions), its seed, torch and the paired greedy change."""
+    greedy, sampled = (json.loads((run_dir / "eval" / section / "results.json").read_text())
+                       for section in ("eval", "eval_sampled"))
+    effects = {name: value for name, (_, value) in learning_effects(greedy["results"], sampled["results"]).items()}
+    effects["grpo_training_reward_rise"] = training_reward_rise(run_dir)
+    depth = max(cell["num_steps"] for cell in greedy["results"])
+    changes = greedy_changes(run_dir / "eval" / "eval" / "samples.jsonl", "sft", "grpo", depth)
+    return {"run": run_dir.name, "seed": greedy["config"]["seed"], "torch": greedy["versions"]["torch"],
+            "effects": effects, "changes": changes}
+
+
 def results_table(greedy: list[dict], sampled: list[dict], temperature: float) -> str:
     steps = sorted({cell["num_steps"] for cell in greedy})
     cell_of = {(c["checkpoint"], c["benchmark"], c["num_steps"]): c for c in greedy}

@@ -6,7 +6,6 @@ effect's range, the table behind the README's spread and tests/test_pipeline.py'
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,25 +21,6 @@ COLUMNS = {  # effect -> column heading (points)
     "grpo_over_sft_greedy": "GRPO - SFT, greedy 8",
     "grpo_training_reward_rise": "GRPO training reward, last 5 - first 5",
 }
-
-
-def training_reward_rise(run_dir: Path) -> float:
-    history = json.loads((run_dir / "grpo" / "trainer_state.json").read_text())["log_history"]
-    rewards = [entry["reward"] for entry in history if "reward" in entry]
-    return sum(rewards[-5:]) / 5 - sum(rewards[:5]) / 5
-
-
-def run_effects(run_dir: Path) -> dict:
-    """A finished run's effects (accuracy and reward as fractions), its seed, torch and the paired greedy change."""
-    greedy, sampled = (json.loads((run_dir / "eval" / section / "results.json").read_text())
-                       for section in ("eval", "eval_sampled"))
-    effects = {name: value for name, (_, value) in pipeline.learning_effects(greedy["results"],
-                                                                             sampled["results"]).items()}
-    effects["grpo_training_reward_rise"] = training_reward_rise(run_dir)
-    depth = max(cell["num_steps"] for cell in greedy["results"])
-    changes = pipeline.greedy_changes(run_dir / "eval" / "eval" / "samples.jsonl", "sft", "grpo", depth)
-    return {"run": run_dir.name, "seed": greedy["config"]["seed"], "torch": greedy["versions"]["torch"],
-            "effects": effects, "changes": changes}
 
 
 def table(runs: list[dict]) -> str:
@@ -62,7 +42,7 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", type=Path, help="output_dirs of finished pipeline.py runs")
     args = parser.parse_args(argv)
-    text = table([run_effects(run_dir) for run_dir in args.run_dirs])
+    text = table([pipeline.run_effects(run_dir) for run_dir in args.run_dirs])
     print(text)
     return text
 

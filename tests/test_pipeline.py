@@ -13,16 +13,18 @@ import sampling_gap
 import train_grpo
 from training import parse_args
 
-# Margins (accuracy, 0-1) that seeds 0, 1 and 2 clear (README, "The tiny pipeline and its results"): SFT - base
-# +0.49..+0.56, 8 - 1 steps +0.19..+0.38; GRPO - SFT mean reward at temperature 1 +0.17..+0.23 (40 steps), greedy
-# +0.000..+0.094. A GRPO stage that only kept SFT's model (the earlier LoRA-only recipe: -0.008..+0.020) fails the
-# reward margin, as does the unscaled-advantage recipe on seed 2 (+0.13); the final norm's gain trained without the
-# KL and LoRA (seed 0: greedy -0.109) fails the greedy one.
+# Margins set from the measured spread (README, "The tiny pipeline": seeds 0-2, one and two threads, torch 2.13 CPU
+# and 2.14 CUDA builds; benchmarks/pipeline_spread.py). Measured: SFT - base +0.49..+0.58, 8 - 1 steps
+# +0.28..+0.37; GRPO - SFT mean reward at temperature 1 +0.145..+0.295; GRPO's training reward, last 5 steps - first
+# 5, +0.19..+0.26; greedy problems GRPO broke minus those it fixed, of 128: -3..+1 here, +8 in the one run reported
+# from another machine. A GRPO stage that keeps SFT's model fails the reward and training-reward margins (an
+# unchanged policy: 0 within ~0.03 and ~0.04); one that wrecks greedy answers (the final norm's gain trained alone:
+# -14 problems net) fails the greedy one.
 MIN_SFT_OVER_BASE = 0.30
 MIN_DEEP_OVER_SHALLOW = 0.10
-MIN_GRPO_OVER_SFT_REWARD = 0.15
-MIN_GRPO_OVER_SFT_GREEDY = -0.02
-MIN_GRPO_TRAINING_REWARD_RISE = 0.15  # mean of the last 5 steps' reward - the first 5's: +0.23..+0.28 measured
+MIN_GRPO_OVER_SFT_REWARD = 0.08
+MIN_GRPO_TRAINING_REWARD_RISE = 0.10
+MAX_GRPO_NET_BROKEN_GREEDY = 12  # problems of 128: paired, so problems both get right or wrong add no noise
 
 
 @pytest.fixture(scope="module")
@@ -39,22 +41,37 @@ def pipeline_run(tmp_path_factory):
     return output_dir, report_dir
 
 
+def missed_margins(run: dict) -> list[str]:
+    """The learning effects of a pipeline run (pipeline.run_effects) that miss their margins."""
+    effects, changes = run["effects"], run["changes"]
+    checks = {"SFT over base": effects["sft_over_base"] >= MIN_SFT_OVER_BASE,
+              "depth": effects["deep_over_shallow"] >= MIN_DEEP_OVER_SHALLOW,
+              "GRPO reward": effects["grpo_over_sft_reward"] >= MIN_GRPO_OVER_SFT_REWARD,
+              "GRPO training reward": effects["grpo_training_reward_rise"] >= MIN_GRPO_TRAINING_REWARD_RISE,
+              "GRPO greedy": changes["broken"] - changes["fixed"] <= MAX_GRPO_NET_BROKEN_GREEDY}
+    return [name for name, held in checks.items() if not held]
+
+
+def test_a_grpo_stage_that_keeps_the_sft_model_misses_the_margins():
+    """What an unchanged policy measures (sampled accuracy and training reward as noisy as SFT's, the same greedy
+    answers) fails the GRPO margins; the worst measured value of every effect at once passes them (8 problems
+    broken net: the run reported from another machine)."""
+    unchanged = {"effects": {"sft_over_base": 0.49, "deep_over_shallow": 0.28, "grpo_over_sft_reward": 0.03,
+                             "grpo_training_reward_rise": 0.04}, "changes": {"fixed": 0, "broken": 0}}
+    assert missed_margins(unchanged) == ["GRPO reward", "GRPO training reward"]
+    worst_measured = {"effects": {"sft_over_base": 0.492, "deep_over_shallow": 0.281, "grpo_over_sft_reward": 0.145,
+                                  "grpo_training_reward_rise": 0.194}, "changes": {"fixed": 5, "broken": 13}}
+    assert missed_margins(worst_measured) == []
+
+
 @pytest.mark.slow
 def test_pipeline_shows_sft_depth_and_grpo_effects(pipeline_run):
     output_dir, report_dir = pipeline_run
-    greedy, sampled = (json.loads((output_dir / "eval" / section / "results.json").read_text())["results"]
-                       for section in ("eval", "eval_sampled"))
-    effects = {key: value for key, (_, value) in pipeline.learning_effects(greedy, sampled).items()}
-    print(effects)
-    assert effects["sft_over_base"] >= MIN_SFT_OVER_BASE
-    assert effects["deep_over_shallow"] >= MIN_DEEP_OVER_SHALLOW
-    assert effects["grpo_over_sft_reward"] >= MIN_GRPO_OVER_SFT_REWARD
-    assert effects["grpo_over_sft_greedy"] >= MIN_GRPO_OVER_SFT_GREEDY
-    history = json.loads((output_dir / "grpo" / "trainer_state.json").read_text())["log_history"]
-    rewards = [entry["reward"] for entry in history if "reward" in entry]  # the GRPO panel of training_curves.png
-    assert sum(rewards[-5:]) / 5 - sum(rewards[:5]) / 5 >= MIN_GRPO_TRAINING_REWARD_RISE
+    run = pipeline.run_effects(output_dir)
+    print(run)
+    assert run["changes"]["n"] == 128 and missed_margins(run) == []
     report = (report_dir / "results.md").read_text()
-    assert "| grpo | gsm8k_test | 64 |" in report and "Stage wall times" in report
+    assert "| grpo | gsm8k_test | 64 |" in report and "Stage wall times" in report and "fixed" in report
     for plot in ("accuracy_vs_steps.png", "training_curves.png"):
         assert (report_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
