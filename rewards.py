@@ -9,6 +9,7 @@ Run the CLI (prints the extracted answer(s), the verdict and the timing):
     python rewards.py --gold 18 --completion 'She makes $18 every day. #### 18'
     python rewards.py --gold '3\sqrt{13}' --completion 'Hence $\boxed{\sqrt{117}}$.'
     python rewards.py --gold 42 --completion 'In total 40 + 2 = 42 apples.' --numeric_fallback
+    python rewards.py --gold '3\sqrt{13}' --completion 'Multiplying out, we get $\sqrt{117}$.' --extraction flexible
 
 Tests and throughput benchmark:
 
@@ -19,12 +20,35 @@ Verdicts: True (equivalent), False (wrong or no final answer), None (cannot grad
 gold, input rejected by the guards, timeout, worker crash). correctness_reward gives 0.0
 for None, except for a bad gold: None (TRL then skips that reward).
 
+Extraction (`extraction=`): "strict", the RL reward's and evaluation's main score: every
+\boxed{} answer, else a '####' line, an 'The answer is' / 'Final Answer:' sentence or a
+bare answer (GSM8K may fall back to the last number). "flexible", evaluation only, so that
+models which do not box are not scored 0: several different boxes are one answer split in
+pieces, and without a box or marker the last formula ($...$, \(...\), \[...\]) or the last
+number, whichever comes later. "minerva": lm-eval's minerva_math sentence 'Final Answer: The
+final answer is X. I hope it is correct.', normalised as Minerva does (normalize_final_answer),
+like the gold: its exact match compares the two strings, grade() their equivalence.
+
+Policies:
+- A mixed number is its value: 1 1/2, 1\ 1/2 and 1\frac{1}{2} are 3/2 (never 1, nor 11/2).
+- Tuples vs unordered lists: the notation decides. A tuple, vector, matrix or interval is
+  ordered, and so are assignments to several variables ('x=-1, y=6' equals (-1, 6), never
+  (6, -1)). A bare comma list or a set in braces is a list of solutions ('Enter all the
+  solutions, separated by commas'): any order, each value once.
+- Numbers: a digit-group separator (1,000; 1{,}000; 1\,000; 32,\! 349) joins digits; a comma
+  before other than three digits (2,5; 0{,}75) is a decimal comma when the gold is a decimal;
+  a decimal, also in scientific notation, equals the gold at math-verify's 6 decimal places;
+  degrees are dropped, but inside a trigonometric function they are converted to radians.
+  X% equals X/100, and X itself when both are integers (math-verify's rule).
+- i is the imaginary unit, and 'y = 2x+3' equals 'f(x) = 2x+3': both name a function.
+
 Cheap cases (numbers, identical strings, a list offered for one number) are decided in
 the calling process. The rest goes to math-verify in worker subprocesses, SIGKILLed and
 replaced past a wall-clock limit: math-verify's timeout uses SIGALRM (main thread only,
 TRL turns it off) and sympy can hang in C code where no signal helps. Workers are Popen
 children because multiprocessing cannot start children from (daemonic) DataLoader
-workers. POSIX only.
+workers. POSIX only. Both paths compare the same rewritten answers (_prepare_pair), and
+the fast path never gives a verdict math-verify would not (tested on every test corpus).
 """
 
 import argparse
@@ -39,10 +63,12 @@ import sys
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable, Mapping, Sequence
+from decimal import Decimal
 from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +83,8 @@ WORKER_MEMORY_BYTES = 2 << 30  # address-space cap per worker: huge powers raise
 MAX_FAILED_STARTS = 3  # then give up (None) instead of restarting broken workers forever
 
 BOXED_PATTERN = r"\\(?:boxed|fbox)(?![A-Za-z])"
+
+EXTRACTIONS = ("strict", "flexible", "minerva")  # how answers are found in a completion (module docstring)
 
 # Result codes of grade_codes(); grade() maps them to True / False / None.
 CORRECT, WRONG, BAD_GOLD, REJECTED, TIMEOUT, ERROR = "correct", "wrong", "bad_gold", "rejected", "timeout", "error"
@@ -78,6 +106,30 @@ _LINE_AFTER_RE = re.compile(r"\s*([^\n]*)")  # skips blank lines, then takes one
 _ANSWER_TRIM_RE = re.compile(r"^[\s*$]+|[\s*$.]+$")  # markdown bold, math dollars, the full stop
 _GSM8K_MARKER = "####"
 _LAST_NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+# $$...$$, $...$ (within a line: a lone $ may be money), \(...\), \[...\]
+_MATH_SPAN_RE = re.compile(r"\$\$(.+?)\$\$|\$([^$\n]+)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)
+
+# lm-eval minerva_math's answer sentence. Its dots match any character (a missing full stop still counts) and the
+# closing sentence is appended first, so that a completion cut right after the answer still has one.
+_MINERVA_CLOSING = "I hope it is correct."
+_MINERVA_ANSWER_RE = re.compile(r"Final Answer: The final answer is(.*?). I hope it is correct.")
+_MINERVA_SUBSTITUTIONS = (
+    ("an ", ""), ("a ", ""), (".$", "$"), ("\\$", ""), ("\\ ", ""), (" ", ""), ("mbox", "text"),
+    (",\\text{and}", ","), ("\\text{and}", ","), ("\\text{m}", "\\text{}"),
+)  # fmt: skip
+_MINERVA_REMOVED = (
+    "square", "ways", "integers", "dollars", "mph", "inches", "ft", "hours", "km", "units", "\\ldots", "sue",
+    "points", "feet", "minutes", "digits", "cents", "degrees", "cm", "gm", "pounds", "meters", "meals", "edges",
+    "students", "childrentickets", "multiples", "\\text{s}", "\\text{.}", "\\text{\ns}", "\\text{}^2",
+    "\\text{}^3", "\\text{\n}", "\\text{}", "\\mathrm{th}", "^\\circ", "^{\\circ}", "\\;", ",\\!", "{,}", '"',
+    "\\dots",
+)  # fmt: skip
+_MINERVA_FIRST_MATH_RE = re.compile(r".*?\$(.*?)\$.*")  # per line: what the first pair of dollars holds
+_MINERVA_UNWRAP = [re.compile(rf"\\{name}\{{(.*?)\}}") for name in ("text", "textbf", "overline")] + [
+    re.compile(r"\\boxed\{(.*)\}")
+]
+_MINERVA_SHORT_FRAC_RE = re.compile(r"frac([^{])(.)")  # \frac12 -> \frac{1}{2}
+_MINERVA_SHORT_SQRT_RE = re.compile(r"sqrt([^{])")  # \sqrt2 -> \sqrt{2}
 
 
 def _as_text(value: Any) -> str:
@@ -176,6 +228,61 @@ def extract_answer(text: str, numeric_fallback: bool = False) -> str | None:
     return candidates[-1] if candidates else None
 
 
+def _last_formula_or_number(text: str) -> str | None:
+    """The last math span or the last number outside it, whichever comes later ('... $x = 3$, so 4 in all': 4).
+    Only the text's end is searched: ten thousand unclosed \\( would each scan all of it."""
+    text = text[-MAX_ANSWER_CHARS:]
+    formula = next(reversed(list(_MATH_SPAN_RE.finditer(text))), None)
+    number = next(reversed(list(_LAST_NUMBER_RE.finditer(text))), None)
+    if number is not None and (formula is None or number.start() >= formula.end()):
+        return number.group().rstrip(",")
+    return next(group for group in formula.groups() if group is not None).strip() if formula else None
+
+
+def extract_answers_flexible(text: str) -> list[str]:
+    """Evaluation's extraction (never the reward's): different boxes are one answer boxed in pieces, joined as a
+    list; without a box, the strict rule's '####' / marker / bare answer, else the last formula or number."""
+    text = _as_text(text)
+    if boxes := find_boxes(text):
+        if any(content is None for content, _ in boxes):  # cut off inside a box: no answer yet
+            return [""]
+        return [", ".join(answer for answer in extract_answers(text) if answer)]
+    if candidates := extract_answers(text):
+        return candidates
+    return [answer] if (answer := _last_formula_or_number(text)) else []
+
+
+def minerva_answer(text: str) -> str | None:
+    """X of lm-eval minerva_math's 'Final Answer: The final answer is X. I hope it is correct.' (the first one)."""
+    match = _MINERVA_ANSWER_RE.search(_as_text(text) + _MINERVA_CLOSING)
+    answer = match.group(1).strip() if match else None
+    return answer if answer is not None and len(answer) <= MAX_ANSWER_CHARS else None  # normalising is quadratic
+
+
+def normalize_final_answer(answer: str) -> str:
+    """Minerva's normalisation of a final answer (Lewkowycz et al. 2022, appendix D), step for step as lm-eval's
+    minerva_math applies it, quirks included ('\\left' loses its 'ft', a unit)."""
+    answer = answer.split("=")[-1]
+    for old, new in _MINERVA_SUBSTITUTIONS:
+        answer = answer.replace(old, new)
+    for unit in _MINERVA_REMOVED:
+        answer = answer.replace(unit, "")
+    answer = _MINERVA_FIRST_MATH_RE.sub(r"$\1$", answer)
+    for wrapper in _MINERVA_UNWRAP:
+        answer = wrapper.sub(r"\1", answer)
+    answer = _MINERVA_SHORT_SQRT_RE.sub(r"sqrt{\1}", _MINERVA_SHORT_FRAC_RE.sub(r"frac{\1}{\2}", answer))
+    answer = answer.replace("$", "")
+    return answer.replace(",", "") if answer.replace(",", "").isdigit() else answer
+
+
+def minerva_exact_match(text: str, gold: str) -> bool:
+    """The Final Answer sentence's answer and the gold are one string once both are normalised as Minerva does.
+    (lm-eval's metric of that name parses the two strings with sympy's LaTeX parser and compares them; that parser
+    needs antlr4 4.11, which math-verify's 4.13 excludes. extraction="minerva" compares them with math-verify.)"""
+    answer = minerva_answer(text)
+    return answer is not None and normalize_final_answer(answer) == normalize_final_answer(_as_text(gold))
+
+
 def gold_answer(row: Mapping[str, Any]) -> str | None:
     """Gold answer of a GSM8K, MATH or OpenMathInstruct-1/2 row.
 
@@ -221,6 +328,135 @@ def _is_rejected(answer: str) -> bool:
     return len(answer) > MAX_ANSWER_CHARS or bool(_HOSTILE_RE.search(answer)) or _nesting_depth(answer) > MAX_NESTING
 
 
+# ----------------------------------------------------------------------------- notation
+# Rewrites of notations that math-verify misreads, applied to every compared pair before the fast path and before
+# math-verify, so both read an answer alike (the policies in the module docstring).
+_NOTATION_RE = re.compile(r"[°≈×~\\{ ]")  # each rewrite below needs one of these: plain numbers skip them all
+_DEGREE_SIGN_RE = re.compile(r"°|\\degree(?![A-Za-z])")
+_TEXT_VARIANT_RE = re.compile(r"\\text(?:normal|rm)(?![A-Za-z])")
+_LEADING_APPROX_RE = re.compile(r"^\s*(?:\\approx(?![A-Za-z])|≈)\s*")
+_APPROX_RE = re.compile(r"\\approx(?![A-Za-z])|≈")
+_GAP = r"(?:\s|~|\\[,;: !])"  # what may stand between a mixed number's whole part and its fraction
+_MIXED_NUMBER_RE = re.compile(
+    rf"(?<![\w.^_}}\\])(\d{{1,9}})"  # the whole part: not an exponent, index or the tail of a decimal
+    rf"(?:{_GAP}*\\[dt]?frac\s*\{{\s*(\d{{1,9}})\s*\}}\s*\{{\s*(\d{{1,9}})\s*\}}"  # 1\frac{1}{2}
+    rf"|{_GAP}*\\[dt]?frac(\d)(\d)"  # 1\frac12
+    rf"|{_GAP}+(\d{{1,9}})\s*/\s*(\d{{1,9}}))"  # 1 1/2 (without the gap it is 11/2)
+    r"(?![\d.])"
+)
+_GROUP_SEPARATOR_RE = re.compile(r"(?<=\d)(?:,\s*\\!|\{,\}|\\[,!]|\\ |~|\s)\s*(?=\d{3}(?!\d))")  # 32,\! 349; 1 000
+# Down to 10^{-5} only: math-verify's 6 decimal places would make 1 \times 10^{-7} equal 0.
+_SCIENTIFIC_RE = re.compile(
+    r"(?<![\w.])(\d+(?:\.\d+)?)\s*(?:\\times|\\cdot|×)\s*10\s*\^\s*(?:\{\s*([-−]?[1-5]|\+?\d{1,2})\s*\}|(\d))"
+)
+_TRIG_RE = re.compile(r"\\(?:sin|cos|tan|cot|sec|csc)(?![A-Za-z])")
+_DEGREES_VALUE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*\^\s*(?:\{\s*\\circ\s*\}|\\circ)")
+_DECIMAL_COMMA_RE = re.compile(r"(?<![\d,.])(\d+)(?:\{,\}|,)(\d+)(?![\d,.])")
+_DEFINITION_RE = re.compile(r"\s*([A-Za-z])\s*(?:\(\s*[A-Za-z](?:\s*,\s*[A-Za-z])*\s*\))?\s*=")  # y =, f(x) =
+_ASSIGNMENT_RE = re.compile(r"\s*([A-Za-z])\s*=\s*([^=]+?)\s*")
+
+
+def _improper_fraction(match: re.Match) -> str:
+    """1\\frac{1}{2}, 1 1/2 as \\frac{3}{2}."""
+    whole = int(match[1])
+    numerator, denominator = next((int(match[i]), int(match[i + 1])) for i in (2, 4, 6) if match[i] is not None)
+    return f"\\frac{{{whole * denominator + numerator}}}{{{denominator}}}" if denominator else match[0]
+
+
+def _positional_decimal(match: re.Match) -> str:
+    """2.3148 \\times 10^{-3} as 0.0023148: math-verify compares decimals at 6 places, not products."""
+    exponent = int((match[2] or match[3]).replace("−", "-"))
+    return format(Decimal(match[1]).scaleb(exponent), "f")
+
+
+@lru_cache(maxsize=8192)
+def _rewrite_notation(answer: str) -> str:
+    """One answer as both paths should read it: degree signs as ^{\\circ}, \\textnormal as \\text, \\approx as =,
+    mixed numbers as improper fractions, digit-group separators dropped, scientific notation positional, and
+    degrees inside a trigonometric function in radians."""
+    if not _NOTATION_RE.search(answer):
+        return answer
+    text = _TEXT_VARIANT_RE.sub(r"\\text", _DEGREE_SIGN_RE.sub(r"^{\\circ}", answer))
+    text = _APPROX_RE.sub("=", _LEADING_APPROX_RE.sub("", text))
+    text = _GROUP_SEPARATOR_RE.sub("", _MIXED_NUMBER_RE.sub(_improper_fraction, text))
+    text = _SCIENTIFIC_RE.sub(_positional_decimal, text)
+    if "\\circ" in text and _TRIG_RE.search(text):
+        text = _DEGREES_VALUE_RE.sub(r"\\frac{\1\\pi}{180}", text)
+    return text
+
+
+def _with_decimal_point(answer: str) -> str:
+    """2,5 and 0{,}75 as 2.5 and 0.75; 1,000 stays a thousand (three digits after a nonzero integer part)."""
+
+    def point(match: re.Match) -> str:
+        is_group = len(match[2]) == 3 and match[1] != "0"
+        return match[0] if is_group else f"{match[1]}.{match[2]}"
+
+    return _DECIMAL_COMMA_RE.sub(point, answer)
+
+
+def _function_body(answer: str) -> str | None:
+    """'2x+3' of 'y = 2x+3' or 'f(x) = 2x+3' (a function named); None for a value ('x = 5') or other equation."""
+    if not (match := _DEFINITION_RE.match(answer)) or "=" in (body := answer[match.end() :]):
+        return None
+    names_itself = re.search(rf"(?<![A-Za-z\\]){match[1]}(?![A-Za-z])", body)
+    has_variable = _VARIABLE_RE.search(_COMMANDS_RE.sub(" ", body))  # 2x is a term here, not 2 of a unit x
+    return body.strip() if has_variable and not names_itself else None
+
+
+def _as_tuple(answer: str) -> str:
+    """'x=-1, y=6' (several variables, each once) as the tuple '(-1, 6)' in the order written; else unchanged."""
+    parts = answer.split(",") if "=" in answer else []
+    assignments = [match for part in parts if (match := _ASSIGNMENT_RE.fullmatch(part))]
+    names = {match[1] for match in assignments}
+    if len(parts) < 2 or len(assignments) < len(parts) or len(names) < len(parts):
+        return answer
+    values = [match[2] for match in assignments]
+    if any(value.count(open_) != value.count(close) for value in values for open_, close in ("()", "[]", "{}")):
+        return answer  # a comma inside a value split it
+    return f"({', '.join(values)})"
+
+
+def _prepare_pair(gold: str, candidate: str) -> tuple[str, str]:
+    """The pair as both paths compare it: each answer's notation rewritten, then what depends on the other answer:
+    a decimal comma (against one decimal number only: '5,0' stays a list beside 5), two names of one function,
+    assignments against a tuple or list."""
+    gold, candidate = _rewrite_notation(gold), _rewrite_notation(candidate)
+    if "," in candidate and (number := _parse_number(gold)) is not None and number.is_decimal:
+        candidate = _with_decimal_point(candidate)
+    if "=" in gold and "=" in candidate:
+        gold_body, candidate_body = _function_body(gold), _function_body(candidate)
+        if gold_body is not None and candidate_body is not None:
+            gold, candidate = gold_body, candidate_body
+    elif "=" in gold and "," in candidate:
+        gold = _as_tuple(gold)
+    elif "=" in candidate and "," in gold:
+        candidate = _as_tuple(candidate)
+    return _bare_number(gold), _bare_number(candidate)
+
+
+def _bare_number(answer: str) -> str:
+    """A plain number as bare LaTeX ('\\$18', '18 dollars', '30^\\circ' as 18, 18, 30): math-verify then reads it
+    as the fast path does, units it does not know included."""
+    if (number := _parse_number(answer)) is None:
+        return answer
+    magnitude = abs(number.value)
+    if number.is_decimal:
+        text = _exact_decimal(magnitude)
+    elif magnitude.denominator == 1:
+        text = str(magnitude)
+    else:
+        text = f"\\frac{{{magnitude.numerator}}}{{{magnitude.denominator}}}"
+    return ("-" if number.value < 0 else "") + text + ("\\%" if number.is_percent else "")
+
+
+def _exact_decimal(value: Fraction) -> str:
+    """A terminating decimal's digits, point included (1000.0 stays a decimal, as math-verify's Float)."""
+    places = next(k for k in range(MAX_NUMBER_DIGITS) if (value * 10**k).denominator == 1)
+    digits = str(int(value * 10**places)).rjust(places + 1, "0")
+    return f"{digits[: len(digits) - places]}.{digits[len(digits) - places :] or '0'}"
+
+
 # ----------------------------------------------------------------------------- fast path
 class _Number(NamedTuple):
     value: Fraction
@@ -230,9 +466,10 @@ class _Number(NamedTuple):
 
 _LEFT_RIGHT_RE = re.compile(r"\\(?:left|right)(?![A-Za-z])")
 _SPACING_RE = re.compile(r"\\[,;:! ]|~")
+_SPACE_OFF_DIGITS_RE = re.compile(r"(?<!\d)\s++|\s++(?!\d)")  # whitespace not between two digits; leaves one
 _DEGREES_RE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°")
 _TEXT_UNIT_RE = re.compile(r"\\(?:text|mbox|mathrm|textbf)\s*\{\s*([A-Za-z .%/]*)\}")
-_MULTI_VALUE_RE = re.compile(r"[,;]|\\cup|\\pm|\bor\b|\band\b|\\begin")
+_MULTI_VALUE_RE = re.compile(r",(?!\d{3}(?!\d))|;|\\cup|\\pm|\bor\b|\band\b|\\begin")  # 1,000 is one value
 _COMMANDS_RE = re.compile(r"\\(?:text|mbox|mathrm|textbf|operatorname)\s*\{[^{}]*\}|\\[A-Za-z]+")
 _VARIABLE_RE = re.compile(r"[a-df-hj-zA-Z]")  # e and i are constants
 _UNIT_TAIL_RE = re.compile(r"(?<=[\d}\s])\s*[A-Za-z][A-Za-z\s.]*$")
@@ -258,17 +495,25 @@ def _has_free_variable(answer: str) -> bool:
 
 
 def _canonical(answer: str) -> str:
-    """Conservative normal form: equal canonical strings are surely equivalent answers."""
+    """Conservative normal form: equal canonical strings are surely equivalent answers. A gap between two digits
+    stays (one space): 1 1/2 is not 11/2, nor 1\\,000 obviously 1000."""
     s = re.sub(r"\\[dt]frac", r"\\frac", _LEFT_RIGHT_RE.sub("", answer))
-    s = re.sub(r"\s+", "", _SPACING_RE.sub("", s))
+    s = _SPACE_OFF_DIGITS_RE.sub("", _SPACING_RE.sub(" ", s))
     return s.strip("$").rstrip(".")
 
 
+def _unit_words(match: re.Match) -> str:
+    """The words of a \\text{} unit; a single letter there is a unit too ('5\\text{ m}'), not a variable."""
+    words = match[1].strip()
+    return f" {words}" if len(words) > 1 else ""
+
+
+@lru_cache(maxsize=8192)
 def _parse_number(answer: str) -> _Number | None:
     """A plain number (maybe with $, %, degrees or unit words) as an exact Fraction."""
     s = answer.replace("−", "-").replace("{,}", ",").replace("\\%", "%").replace("\\$", "$")
-    s = _TEXT_UNIT_RE.sub(lambda m: " " + m.group(1), _DEGREES_RE.sub("", re.sub(r"\\[dt]frac", r"\\frac", s)))
-    s = _SPACING_RE.sub("", s).replace("$", "").strip().rstrip(".").strip()
+    s = _TEXT_UNIT_RE.sub(_unit_words, _DEGREES_RE.sub("", re.sub(r"\\[dt]frac", r"\\frac", s)))
+    s = _SPACING_RE.sub(" ", s).replace("$", "").strip().rstrip(".").strip()
     if len(s) > 100 or (m := _NUMBER_RE.fullmatch(s)) is None:  # 100 digits are cheap for Fraction
         return None
     sign = -1 if m["sign"] == "-" else 1
@@ -282,14 +527,15 @@ def _parse_number(answer: str) -> _Number | None:
 
 
 def _numbers_match(gold: _Number, pred: _Number) -> bool:
-    """Exact equality; '50%' also matches 50 and 0.5; with a decimal, 6-place rounding.
-
-    Mirrors math-verify's numeric rules so fast path and workers agree.
-    """
-    gold_values = {gold.value, gold.value / 100} if gold.is_percent else {gold.value}
-    pred_values = {pred.value, pred.value / 100} if pred.is_percent else {pred.value}
-    rounded = gold.is_decimal or pred.is_decimal
-    return any(g == p or (rounded and round(g, 6) == round(p, 6)) for g in gold_values for p in pred_values)
+    """math-verify's numeric rules, so that fast path and workers agree: X% is X/100; with a decimal on either side,
+    equal at 6 decimal places; two integers are also equal when only a percent sign sets them apart ('50%' is 50
+    and 0.5, '2.5%' is 0.025 only)."""
+    gold_value = gold.value / 100 if gold.is_percent else gold.value
+    pred_value = pred.value / 100 if pred.is_percent else pred.value
+    if gold.is_decimal or pred.is_decimal:
+        return round(gold_value, 6) == round(pred_value, 6)
+    integers = gold.value.denominator == pred.value.denominator == 1
+    return gold_value == pred_value or (integers and gold.value == pred.value)
 
 
 def _fast_code(gold: str, candidate: str) -> str | None:
@@ -300,6 +546,10 @@ def _fast_code(gold: str, candidate: str) -> str | None:
         return WRONG
     if _canonical(candidate) == _canonical(gold):
         return CORRECT
+    prepared = _prepare_pair(gold, candidate)
+    if prepared != (gold, candidate) and _canonical(prepared[1]) == _canonical(prepared[0]):
+        return CORRECT
+    gold, candidate = prepared
     gold_number, pred_number = _parse_number(gold), _parse_number(candidate)
     if gold_number is not None and pred_number is not None:
         return CORRECT if _numbers_match(gold_number, pred_number) else WRONG
@@ -319,20 +569,30 @@ _WARMUP_PAIRS = [  # one of each kind, so sympy's lazy imports happen before the
 ]  # fmt: skip
 
 
+def _imaginary_unit(parsed: Any) -> Any:
+    """i as the imaginary unit: math-verify only treats it so where its regex spots a lone i ('i(2-i)', not '1+2i')."""
+    import sympy
+
+    symbols = {symbol: sympy.I for symbol in getattr(parsed, "free_symbols", ()) if symbol.name == "i"}
+    return parsed.xreplace(symbols) if symbols else parsed
+
+
 @lru_cache(maxsize=4096)
 def _parse_for_verify(answer: str) -> tuple:
     """math-verify parse of one answer, boxed so that its LaTeX extraction takes all of it."""
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
 
     config = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
-    return tuple(parse(f"\\boxed{{{answer}}}", extraction_config=config, parsing_timeout=None))
+    return tuple(map(_imaginary_unit, parse(f"\\boxed{{{answer}}}", extraction_config=config, parsing_timeout=None)))
 
 
 def _math_verify_code(gold: str, candidate: str) -> str:
-    """Worker-side comparison. math-verify's timeouts are off: the parent kills us instead."""
+    """Worker-side comparison of the pair as _prepare_pair writes it. math-verify's timeouts are off: the parent
+    kills us instead."""
     from math_verify import verify
 
     try:
+        gold, candidate = _prepare_pair(gold, candidate)
         if not (gold_parsed := _parse_for_verify(gold)):
             return BAD_GOLD
         if not (pred_parsed := _parse_for_verify(candidate)):
@@ -531,14 +791,25 @@ def _gold_text(gold: Any) -> str | None:
     return text if text and not _is_rejected(text) else None
 
 
-def _comparisons(prediction: Any, gold: Any, numeric_fallback: bool) -> str | list[tuple[str, str]]:
+def candidate_answers(text: Any, extraction: str = "strict", numeric_fallback: bool = False) -> list[str]:
+    """The answers a completion offers under one of EXTRACTIONS (see the module docstring)."""
+    if extraction == "flexible":
+        return extract_answers_flexible(text)
+    if extraction == "minerva":
+        return [] if (answer := minerva_answer(text)) is None else [normalize_final_answer(answer)]
+    return extract_answers(text, numeric_fallback)
+
+
+def _comparisons(prediction: Any, gold: Any, numeric_fallback: bool, extraction: str) -> str | list[tuple[str, str]]:
     """A final result code, or the (gold, candidate) comparisons that decide it."""
     gold_text, text = _gold_text(gold), _as_text(prediction)
     if gold_text is None:
         return BAD_GOLD
+    if extraction == "minerva":  # Minerva's equivalence compares both answers normalised, as its exact match does
+        gold_text = normalize_final_answer(gold_text)
     if len(text) > MAX_COMPLETION_CHARS:
         return REJECTED
-    candidates = extract_answers(text, numeric_fallback)
+    candidates = candidate_answers(text, extraction, numeric_fallback)
     return [(gold_text, candidate) for candidate in candidates] if candidates else WRONG
 
 
@@ -553,14 +824,17 @@ def grade_codes(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     num_workers: int | None = None,
     numeric_fallback: bool = False,
+    extraction: str = "strict",
 ) -> list[str]:
     """grade_batch with the reason: CORRECT, WRONG, BAD_GOLD, REJECTED, TIMEOUT or ERROR."""
     if len(predictions) != len(golds):
         raise ValueError(f"{len(predictions)} predictions but {len(golds)} golds")
-    items = [_comparisons(p, g, numeric_fallback) for p, g in zip(predictions, golds)]
+    if extraction not in EXTRACTIONS:
+        raise ValueError(f"extraction must be one of {EXTRACTIONS}, got {extraction!r}")
+    items = [_comparisons(p, g, numeric_fallback, extraction) for p, g in zip(predictions, golds, strict=True)]
     codes = {pair: _fast_code(*pair) for item in items if isinstance(item, list) for pair in item}
     if todo := [pair for pair, code in codes.items() if code is None]:  # each distinct pair once
-        codes.update(zip(todo, _run_on_pool(todo, timeout_s, num_workers or default_num_workers())))
+        codes.update(zip(todo, _run_on_pool(todo, timeout_s, num_workers or default_num_workers()), strict=True))
     results = [item if isinstance(item, str) else _combine([codes[pair] for pair in item]) for item in items]
     GRADER_STATS.update(
         graded=len(results), worker_jobs=len(todo), rejected=results.count(REJECTED), bad_gold=results.count(BAD_GOLD)
@@ -574,13 +848,16 @@ def grade_batch(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     num_workers: int | None = None,
     numeric_fallback: bool = False,
+    extraction: str = "strict",
 ) -> list[bool | None]:
     """Grade completions (or bare answers) against gold answers, hard cases in parallel.
 
     True = equivalent, False = wrong / no final answer, None = cannot grade. A hard case
-    costs at most ~timeout_s; nothing here hangs or raises on hostile input.
+    costs at most ~timeout_s; nothing here hangs or raises on hostile input. `extraction`:
+    "strict" (the reward's), "flexible" or "minerva" (evaluation's; module docstring).
     """
-    return [_VERDICT.get(code) for code in grade_codes(predictions, golds, timeout_s, num_workers, numeric_fallback)]
+    codes = grade_codes(predictions, golds, timeout_s, num_workers, numeric_fallback, extraction)
+    return [_VERDICT.get(code) for code in codes]
 
 
 def gradable_golds(golds: Sequence[Any], timeout_s: float = DEFAULT_TIMEOUT_S) -> list[bool]:
@@ -591,10 +868,14 @@ def gradable_golds(golds: Sequence[Any], timeout_s: float = DEFAULT_TIMEOUT_S) -
 
 
 def grade(
-    completion_answer_or_text: Any, gold: Any, timeout_s: float = DEFAULT_TIMEOUT_S, numeric_fallback: bool = False
+    completion_answer_or_text: Any,
+    gold: Any,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    numeric_fallback: bool = False,
+    extraction: str = "strict",
 ) -> bool | None:
     """Grade one completion or bare answer against a gold answer (see grade_batch)."""
-    return grade_batch([completion_answer_or_text], [gold], timeout_s, numeric_fallback=numeric_fallback)[0]
+    return grade_batch([completion_answer_or_text], [gold], timeout_s, None, numeric_fallback, extraction)[0]
 
 
 # ----------------------------------------------------------------------------- TRL rewards
@@ -678,13 +959,14 @@ def main() -> None:
     parser.add_argument("--gold", required=True, help="gold answer, or a GSM8K / MATH solution")
     parser.add_argument("--completion", required=True, help="model completion, or a bare answer")
     parser.add_argument("--numeric_fallback", action="store_true", help="last number counts (GSM8K-style)")
+    parser.add_argument("--extraction", choices=EXTRACTIONS, default="strict", help="flexible, minerva: evaluation")
     parser.add_argument("--timeout_s", type=float, default=DEFAULT_TIMEOUT_S)
     args = parser.parse_args()
     start = time.perf_counter()
-    code = grade_codes([args.completion], [args.gold], args.timeout_s, numeric_fallback=args.numeric_fallback)[0]
+    code = grade_codes([args.completion], [args.gold], args.timeout_s, None, args.numeric_fallback, args.extraction)[0]
     elapsed = time.perf_counter() - start
     print(f"gold answer : {_gold_text(args.gold)!r}")
-    print(f"extracted   : {extract_answers(args.completion, args.numeric_fallback)!r}")
+    print(f"extracted   : {candidate_answers(args.completion, args.extraction, args.numeric_fallback)!r}")
     path = "math-verify worker" if GRADER_STATS["worker_jobs"] else "fast path"
     print(f"verdict     : {_VERDICT.get(code)} ({code}; {path})")
     print(f"time        : {elapsed * 1000:.1f} ms (a first worker call includes starting it)")

@@ -109,6 +109,72 @@ def test_markers_beat_the_fallback():
     assert extract_answer("The answer is 12. Check: 4 * 3", numeric_fallback=True) == "12"
 
 
+# ----------------------------------------------------------------------------- evaluation's extractions
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("so $x = \\boxed{2}$ and $y = \\boxed{-1}$", ["2, -1"]),  # one answer boxed in pieces
+        ("\\boxed{3} and again \\boxed{3}", ["3"]),
+        ("the sum is \\boxed{1", [""]),  # cut off inside the box: no answer
+        ("The answer is 9.", ["9"]),
+        ("Multiplying out, the product is $6 - 5i$.", ["6 - 5i"]),
+        ("First $2 + 2 = 4$, and doubling twice gives 16.", ["16"]),  # a later number beats an earlier formula
+        ("Each costs $5, so the share is \\(\\dfrac{3}{4}\\)", ["\\dfrac{3}{4}"]),  # a lone $ is money, not math
+        ("no answer here", []),
+    ],
+)
+def test_flexible_extraction(text, expected):
+    assert rewards.extract_answers_flexible(text) == expected
+
+
+# (completion, gold, lm-eval's exact match after Minerva's normalisation, equivalence)
+MINERVA_COMPLETIONS = [
+    ("So $\\boxed{24}$.\nFinal Answer: The final answer is $24$. I hope it is correct.", "24", True, True),
+    ("Final Answer: The final answer is $25$. I hope it is correct.", "24", False, False),
+    ("Final Answer: The final answer is $\\frac12$. I hope it is correct.", "\\frac{1}{2}", True, True),
+    ("Final Answer: The final answer is $\\dfrac{1}{2}$. I hope it is correct.", "\\frac{1}{2}", False, True),
+    ("Final Answer: The final answer is $0.5$. I hope it is correct.", "\\frac{1}{2}", False, True),
+    ("Final Answer: The final answer is $x = 5$. I hope it is correct.", "5", True, True),
+    ("Final Answer: The final answer is $10,\\!080$. I hope it is correct.", "10080", True, True),
+    ("Final Answer: The final answer is $18$ dollars. I hope it is correct.", "18", True, True),
+    ("Final Answer: The final answer is $5 \\text{ cm}$. I hope it is correct.", "5", True, True),
+    ("Final Answer: The final answer is $12$. I hope it is correct.\n\nFinal Answer: The final answer is $7$.", "12",
+     True, True),  # the first sentence counts
+    ("Final Answer: The final answer is $12$", "12", False, False),  # cut before the full stop: lm-eval finds none
+    ("So $\\boxed{12}$.\nFinal Answer: The final answer is", "12", False, False),  # cut before the answer
+    ("So the answer is $\\boxed{12}$.", "12", False, False),  # boxed, but not in the Minerva sentence
+    ("Final Answer: The final answer is $(3, \\frac{\\pi}{2})$. I hope it is correct.",
+     "\\left( 3, \\frac{\\pi}{2} \\right)", False, False),  # Minerva's normalisation breaks \\left: lm-eval's 0
+]
+
+
+@pytest.mark.parametrize("completion, gold, exact_match, equivalent", MINERVA_COMPLETIONS)
+def test_minerva_exact_match_and_equivalence(completion, gold, exact_match, equivalent):
+    assert rewards.minerva_exact_match(completion, gold) is exact_match
+    assert (grade(completion, gold, extraction="minerva") is True) is equivalent
+
+
+@pytest.mark.parametrize(
+    "answer, normalised",
+    [
+        ("$\\frac12$", "\\frac{1}{2}"),
+        ("x = \\sqrt3", "\\sqrt{3}"),
+        ("\\text{(C)}", "(C)"),
+        ("\\boxed{10,\\!080}", "10080"),
+        ("90^\\circ", "90"),
+        ("5 \\text{ cm}^2", "5"),
+        ("\\left( 3, \\frac{\\pi}{2} \\right)", "\\le(3,\\frac{\\pi}{2}\\right)"),  # its quirk: "ft" is a unit
+    ],
+)
+def test_normalize_final_answer_is_minervas(answer, normalised):
+    assert rewards.normalize_final_answer(answer) == normalised
+
+
+def test_unknown_extraction_is_an_error():
+    with pytest.raises(ValueError, match="extraction"):
+        grade("\\boxed{1}", "1", extraction="lenient")
+
+
 # ----------------------------------------------------------------------------- gold answers
 def test_gold_answer_schemas():
     gsm8k = {"question": "q", "answer": "So 70,000 - 1 = <<70000-1=69999>>69,999\n#### 69,999"}
@@ -173,43 +239,59 @@ def test_fast_path(gold, prediction, expected):
     assert worker_jobs() == before  # decided in this process, no IPC
 
 
-@pytest.mark.parametrize(
-    "gold, prediction, expected",
-    [
-        ("\\frac{\\sqrt{3}}{2}", "\\frac{\\sqrt3}{2}", True),
-        ("3\\sqrt{13}", "\\sqrt{117}", True),
-        ("(x+1)^2", "x^2+2x+1", True),
-        ("x=5", "5", True),
-        ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3, \\pi/2)", True),
-        ("(1,2)", "(2,1)", False),
-        ("\\pi", "3.14", False),
-        ("\\sqrt{2}", "\\sqrt{2}, -\\sqrt{2}", False),
-        ("x^2+1", "x^2-1", False),
-        ("1.5", "1.5 m", True),  # math-verify drops unit words, single letters included
-        ("5", "5x", False),
-    ],
-)
+# Integer answers, the tiny task's and GSM8K's kind: the notation rules left their verdicts as they were (1,456
+# integer gradings compared with the grader before them; the one change is '1 000' no longer equal to 0).
+INTEGER_CASES = [
+    ("3+4+5=12. \\boxed{12}", "12", True),
+    ("\\boxed{13}", "12", False),
+    ("\\boxed{120}", "12", False),
+    ("\\boxed{ 12 }", "12", True),
+    ("\\boxed{12.0}", "12", True),
+    ("\\boxed{012}", "12", True),
+    ("\\boxed{+12}", "12", True),
+    ("\\boxed{-12}", "12", False),
+    ("\\boxed{12\\%}", "12", True),
+    ("\\boxed{1200\\%}", "12", True),
+    ("\\boxed{\\$12}", "12", True),
+    ("\\boxed{12\\text{ dollars}}", "12", True),
+    ("\\boxed{12^\\circ}", "12", True),
+    ("\\boxed{\\frac{12}{1}}", "12", True),
+    ("\\boxed{x = 12}", "12", True),
+    ("\\boxed{12} \\boxed{12}", "12", True),
+    ("\\boxed{12, 1}", "12", False),
+    ("\\boxed{12,000}", "12", False),
+    ("\\boxed{12\\,000}", "12000", True),
+    ("#### 1,234", "1234", True),
+    ("The answer is 12.", "12", True),
+    ("\\boxed{1 000}", "0", False),
+]
+
+
+@pytest.mark.parametrize("completion, gold, expected", INTEGER_CASES)
+def test_integer_answers_grade_as_they_always_did(completion, gold, expected):
+    assert grade(completion, gold) is expected
+
+
+MATH_VERIFY_CASES = [
+    ("\\frac{\\sqrt{3}}{2}", "\\frac{\\sqrt3}{2}", True),
+    ("3\\sqrt{13}", "\\sqrt{117}", True),
+    ("(x+1)^2", "x^2+2x+1", True),
+    ("x=5", "5", True),
+    ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3, \\pi/2)", True),
+    ("(1,2)", "(2,1)", False),
+    ("\\pi", "3.14", False),
+    ("\\sqrt{2}", "\\sqrt{2}, -\\sqrt{2}", False),
+    ("x^2+1", "x^2-1", False),
+    ("1.5", "1.5 m", True),  # math-verify drops unit words, single letters included
+    ("5", "5x", False),
+]
+
+
+@pytest.mark.parametrize("gold, prediction, expected", MATH_VERIFY_CASES)
 def test_math_verify_path(gold, prediction, expected):
     before = worker_jobs()
     assert grade(f"The answer is $\\boxed{{{prediction}}}$.", gold) is expected
     assert worker_jobs() == before + 1
-
-
-def test_fast_path_agrees_with_math_verify():
-    """Whatever the fast path decides alone, math-verify decides alike: train and eval score the same."""
-    bench = load_bench_module()
-    # "18 dollars" is lenient by design: GSM8K expects it, math-verify's unit list lacks "dollars".
-    pairs = [(gold, prediction) for gold, prediction, _ in FAST_PATH_CASES if "dollars" not in prediction]
-    sampled = []
-    for solutions, golds in (bench.math_workload(BENCHMARKS), bench.gsm8k_workload(BENCHMARKS)):
-        for solution, gold in zip(solutions + solutions[1:], golds + golds[:-1]):  # right and wrong answers
-            sampled += [(gold, answer) for answer in extract_answers(solution)]
-    random.Random(0).shuffle(sampled)
-    pairs += [pair for pair in sampled if rewards._fast_code(*pair) in (rewards.CORRECT, rewards.WRONG)][:100]
-    verdicts = rewards._run_on_pool(pairs, 5.0, rewards.default_num_workers())
-    assert verdicts.count(rewards.CORRECT) >= 30 and verdicts.count(rewards.WRONG) >= 30
-    for pair, verdict in zip(pairs, verdicts):
-        assert verdict == rewards._fast_code(*pair), pair
 
 
 def test_identical_latex_is_decided_without_sympy():
@@ -400,6 +482,22 @@ def test_adversarial_inputs_from_a_thread():
     thread.join(timeout=120)
     assert not thread.is_alive()
     check_adversarial(results)
+
+
+EVALUATION_ADVERSARIAL = [  # each took 20-90 s before the extractions searched only a bounded text
+    ("unclosed_parens", "\\(" * 30_000, "5"),
+    ("unclosed_brackets", "\\[ x" * 20_000, "5"),
+    ("long_minerva_answer", "Final Answer: The final answer is " + "x" * 90_000 + "$ I hope it is correct.", "5"),
+]
+
+
+@pytest.mark.parametrize("extraction", ["flexible", "minerva"])
+def test_adversarial_inputs_under_evaluation_extractions(extraction):
+    for name, text, gold in ADVERSARIAL + EVALUATION_ADVERSARIAL:
+        start = time.monotonic()
+        verdict = grade(text, gold, timeout_s=ADVERSARIAL_TIMEOUT_S, extraction=extraction)
+        assert verdict is not True and not rewards.minerva_exact_match(text, gold), name
+        assert time.monotonic() - start < 10, name
 
 
 class AdversarialDataset:
