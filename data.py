@@ -40,6 +40,15 @@ HUB_DATASETS = {  # hub id -> (schema, config name, default split)
     "EleutherAI/hendrycks_math": ("math", None, "test"),
 }
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+# A streamed source's seeded shuffle (IterableDataset.shuffle(seed, buffer_size)): the order of its shards (files) is
+# shuffled, then rows are drawn at random from a buffer of this many rows filled in that order (datasets >= 5 fills
+# it from up to 10 shards at once). N rows so drawn are a random mix of about the first N + buffer rows of the first
+# shards in that order, not a uniform sample of the split: a hub split is a few large files (OpenMathInstruct-2's
+# 14M-row train split: 16 of ~900k rows), and rows deeper into a file are never drawn. A larger buffer mixes more, but
+# reads that many more before the first one and holds them in memory (~2 KB a row for OpenMathInstruct-2); a source
+# smaller than the buffer is read whole and shuffled uniformly. The logged problem_source counts show the mix drawn.
+SHUFFLE_BUFFER_SIZE = 10_000
+MIX_COLUMN = "problem_source"  # OpenMathInstruct-2's origin of a problem: augmented_gsm8k, augmented_math, gsm8k, math
 
 
 class DataError(ValueError):
@@ -83,10 +92,16 @@ def check_jsonl(path: str) -> None:
                 raise DataError(f"{path}: row {index} (line {index + 1}): not valid JSON: {error}") from None
 
 
-def load_source(source: str, split: str | None = None, streaming: bool = False) -> tuple[Dataset | IterableDataset, str]:
+def is_local_file(source: str) -> bool:
+    """Whether a source (tiny:<name> resolved) names a local file, by its suffix, rather than a hub dataset."""
+    return Path(source).suffix.lower() in LOCAL_FORMATS
+
+
+def load_source(source: str, split: str | None = None,
+                streaming: bool = False) -> tuple[Dataset | IterableDataset, str]:
     """A local file or a hub dataset id, and its schema name. Local files must exist and parse."""
     suffix = Path(source).suffix.lower()
-    if suffix in LOCAL_FORMATS:
+    if is_local_file(source):
         if not Path(source).is_file():
             raise DataError(f"{source}: no such file")
         if suffix == ".jsonl":
@@ -101,7 +116,7 @@ def load_source(source: str, split: str | None = None, streaming: bool = False) 
         raise DataError(f"{source}: not a local .jsonl/.json/.parquet file nor a known dataset {sorted(HUB_DATASETS)}")
     schema, config_name, default_split = HUB_DATASETS[source]
     if source == "EleutherAI/hendrycks_math":
-        return load_hendrycks_math(split or default_split), schema
+        return load_hendrycks_math(split or default_split, streaming), schema
     return load_dataset(source, config_name, split=split or default_split, streaming=streaming), schema
 
 
@@ -175,21 +190,35 @@ def resolve_source(source: str) -> str:
     return str(tiny_data_dir() / name)
 
 
-def load_hendrycks_math(split: str) -> Dataset:
+def load_hendrycks_math(split: str, streaming: bool = False) -> Dataset | IterableDataset:
     """EleutherAI/hendrycks_math, all subjects, in the "math" schema. It has one config per subject and no "answer"
     column: the answer is the solution's last \\boxed{} (empty when there is none, so the row counts as malformed)."""
-    subjects = [load_dataset("EleutherAI/hendrycks_math", subject, split=split) for subject in MATH_SUBJECTS]
+    subjects = [load_dataset("EleutherAI/hendrycks_math", subject, split=split, streaming=streaming)
+                for subject in MATH_SUBJECTS]
     return concatenate_datasets(subjects).map(lambda row: {"answer": rewards.gold_answer(row) or ""})
 
 
-def read_sft_source(source: str, split: str | None, streaming: bool, max_samples: int | None) -> tuple[Dataset, str]:
-    """The first `max_samples` rows (all when None) of one source, in memory or the datasets cache, and its schema.
-    Streaming reads only those rows from the hub (OpenMathInstruct-2's 14M rows never touch the disk)."""
-    dataset, schema = load_source(resolve_source(source), split or SFT_SPLITS.get(source), streaming)
+def shuffled_stream(source: str, split: str | None, seed: int) -> tuple[IterableDataset, str]:
+    """One source (hub id, local file or tiny:<name>) streamed in a seeded shuffled order, and its schema: rows are
+    read as they are pulled, so a hub split is never downloaded whole. What the order is: SHUFFLE_BUFFER_SIZE."""
+    dataset, schema = load_source(resolve_source(source), split, streaming=True)
+    return dataset.shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER_SIZE), schema
+
+
+def read_sft_source(source: str, split: str | None, streaming: bool, max_samples: int | None,
+                    seed: int = 0) -> tuple[Dataset, str]:
+    """`max_samples` rows (all when None) of one source, in memory or the datasets cache, and its schema. Streaming:
+    a seeded shuffled subset (shuffled_stream), of which only those rows and the shuffle buffer are read
+    (OpenMathInstruct-2's 14M rows never touch the disk). Otherwise the source is read whole and its first
+    `max_samples` rows are kept in file order, as the tiny default's local files have always been read (the trainer
+    shuffles the order it trains in; stream a large source for a shuffled subset)."""
+    split = split or SFT_SPLITS.get(source)
     if streaming:
         if max_samples is None:
             raise DataError(f"{source}: streaming reads max_samples rows; set max_samples")
+        dataset, schema = shuffled_stream(source, split, seed)
         return Dataset.from_list(list(dataset.take(max_samples))), schema
+    dataset, schema = load_source(resolve_source(source), split)
     if max_samples is not None and max_samples < len(dataset):
         dataset = dataset.select(range(max_samples))
     return dataset, schema
@@ -239,14 +268,16 @@ def fit_length(dataset: Dataset, max_length: int, overlong: str, num_proc: int |
 def build_sft_source(source: str, tokenizer, max_length: int, *, split: str | None = None, streaming: bool = False,
                      max_samples: int | None = None, keep_code: bool = False, overlong: str = "drop",
                      max_bad_fraction: float = 0.01, system_prompt: str | None = SYSTEM_PROMPT,
-                     num_proc: int | None = None) -> tuple[Dataset, Counter]:
+                     num_proc: int | None = None, seed: int = 0) -> tuple[Dataset, Counter]:
     """Tokenized SFT examples {"input_ids", "labels"} of one source and their counts: read, kept, malformed,
-    incorrect, code, overlong (longer than max_length) and overlong_dropped. Raises DataError, quoting the first bad
-    rows (file, row, field), when more than `max_bad_fraction` of the rows read are malformed."""
+    incorrect, code, overlong (longer than max_length), overlong_dropped and, for a source with a problem_source
+    column (OpenMathInstruct-2), the kept examples' "problem_source=<value>". Raises DataError, quoting the first bad
+    rows (file, row, field), when more than `max_bad_fraction` of the rows read are malformed. `seed`: of the
+    streamed subset (read_sft_source)."""
     if overlong not in OVERLONG_MODES:
         raise ValueError(f"overlong must be one of {OVERLONG_MODES}, got {overlong!r}")
-    dataset, schema = read_sft_source(source, split, streaming, max_samples)
-    screened = dataset.map(screen_row, with_indices=True, remove_columns=dataset.column_names, num_proc=num_proc,
+    dataset, schema = read_sft_source(source, split, streaming, max_samples, seed)
+    screened = dataset.map(screen_row, with_indices=True, remove_columns=all_but_mix(dataset), num_proc=num_proc,
                            fn_kwargs={"schema": schema, "source": source, "keep_code": keep_code})
     skips = screened["skip"]
     counts = Counter(read=len(skips), **Counter(skip.split(":")[0] for skip in skips if skip))
@@ -256,7 +287,7 @@ def build_sft_source(source: str, tokenizer, max_length: int, *, split: str | No
                         f"{max_bad_fraction}; first: " + " | ".join(malformed[:3]))
     kept = screened.filter(lambda skip: not skip, input_columns="skip", num_proc=num_proc)
     tokenized = kept.map(tokenize_sft_row, fn_kwargs={"tokenizer": tokenizer, "system_prompt": system_prompt},
-                         remove_columns=kept.column_names, num_proc=num_proc)
+                         remove_columns=all_but_mix(kept), num_proc=num_proc)
     fitted = fit_length(tokenized, max_length, overlong, num_proc)
     counts["overlong"] = len(tokenized.filter(lambda ids: len(ids) > max_length, input_columns="input_ids",
                                               num_proc=num_proc))
@@ -264,7 +295,20 @@ def build_sft_source(source: str, tokenizer, max_length: int, *, split: str | No
     counts["kept"] = len(fitted)
     if malformed:
         logger.warning(f"{source}: skipped {len(malformed)} malformed rows; first: {malformed[0]}")
-    return fitted, counts
+    if MIX_COLUMN not in fitted.column_names:
+        return fitted, counts
+    counts.update(mix_counts(fitted[MIX_COLUMN]))
+    return fitted.remove_columns(MIX_COLUMN), counts
+
+
+def all_but_mix(dataset: Dataset) -> list[str]:
+    """The columns a map drops: all but MIX_COLUMN, carried along to count the mix of the examples kept."""
+    return [column for column in dataset.column_names if column != MIX_COLUMN]
+
+
+def mix_counts(values: list) -> Counter:
+    """{"problem_source=<value>": rows}, in the values' sorted order (the log's)."""
+    return Counter(sorted(f"{MIX_COLUMN}={value}" for value in values))
 
 
 def build_sft_dataset(sources: list[str], tokenizer, max_length: int, **options) -> tuple[Dataset, dict[str, Counter]]:
@@ -328,3 +372,44 @@ def gsm8k_cot_messages(problem: str, system_prompt: str | None, num_fewshot: int
     for question, answer in GSM8K_COT_EXEMPLARS[:num_fewshot]:
         shots += [{"role": "user", "content": f"Q: {question}\nA:"}, {"role": "assistant", "content": answer}]
     return system + shots + [{"role": "user", "content": f"Q: {problem}\nA:"}]
+
+
+# lm-eval-harness's minerva_math prompt (the paper's MATH scores): the 4 fixed exemplars of Lewkowycz et al.
+# (2022, arXiv 2206.14858), each asked as "Problem:\n{problem}\n\nSolution:" and answered with a solution ending
+# "Final Answer: The final answer is X. I hope it is correct." (rewards.minerva_answer reads it). Kept as lm-eval
+# has them, the stray "}" after the first problem included.
+MINERVA_MATH_EXEMPLARS = (
+    ("Find the domain of the expression  $\\frac{\\sqrt{x-2}}{\\sqrt{5-x}}$.}",
+     "The expressions inside each square root must be non-negative. Therefore, $x-2 \\ge 0$, so $x\\ge2$, and "
+     "$5 - x \\ge 0$, so $x \\le 5$. Also, the denominator cannot be equal to zero, so $5-x>0$, which gives $x<5$. "
+     "Therefore, the domain of the expression is $\\boxed{[2,5)}$.\nFinal Answer: The final answer is $[2,5)$. I "
+     "hope it is correct."),
+    ("If $\\det \\mathbf{A} = 2$ and $\\det \\mathbf{B} = 12,$ then find $\\det (\\mathbf{A} \\mathbf{B}).$",
+     "We have that $\\det (\\mathbf{A} \\mathbf{B}) = (\\det \\mathbf{A})(\\det \\mathbf{B}) = (2)(12) = "
+     "\\boxed{24}.$\nFinal Answer: The final answer is $24$. I hope it is correct."),
+    ("Terrell usually lifts two 20-pound weights 12 times. If he uses two 15-pound weights instead, how many times "
+     "must Terrell lift them in order to lift the same total weight?",
+     "If Terrell lifts two 20-pound weights 12 times, he lifts a total of $2\\cdot 12\\cdot20=480$ pounds of weight.  "
+     "If he lifts two 15-pound weights instead for $n$ times, he will lift a total of $2\\cdot15\\cdot n=30n$ pounds "
+     "of weight.  Equating this to 480 pounds, we can solve for $n$:\n\\begin{align*}\n30n&=480\\\\\n"
+     "\\Rightarrow\\qquad n&=480/30=\\boxed{16}\n\\end{align*}\nFinal Answer: The final answer is $16$. I hope it is "
+     "correct."),
+    ("If the system of equations\n\n\\begin{align*}\n6x-4y&=a,\\\\\n6y-9x &=b.\n\\end{align*}has a solution $(x, y)$ "
+     "where $x$ and $y$ are both nonzero,\nfind $\\frac{a}{b},$ assuming $b$ is nonzero.",
+     "If we multiply the first equation by $-\\frac{3}{2}$, we obtain\n\n$$6y-9x=-\\frac{3}{2}a.$$Since we also know "
+     "that $6y-9x=b$, we have\n\n$$-\\frac{3}{2}a=b\\Rightarrow\\frac{a}{b}=\\boxed{-\\frac{2}{3}}.$$\nFinal Answer: "
+     "The final answer is $-\\frac{2}{3}$. I hope it is correct."),
+)
+
+
+def minerva_math_messages(problem: str, system_prompt: str | None, num_fewshot: int) -> list[dict]:
+    """lm-eval's minerva_math chat: the first `num_fewshot` exemplars as earlier turns, then the problem."""
+    turns = [turn for question, solution in MINERVA_MATH_EXEMPLARS[:num_fewshot]
+             for turn in ({"role": "user", "content": minerva_question(question)},
+                          {"role": "assistant", "content": solution})]
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return system + turns + [{"role": "user", "content": minerva_question(problem)}]
+
+
+def minerva_question(problem: str) -> str:
+    return f"Problem:\n{problem}\n\nSolution:"

@@ -4,8 +4,10 @@ Tiny CPU run (offline, the embedded tiny default and generated tiny data, about 
 
     python train_sft.py --config configs/sft_tiny.yaml
 
-huginn-0125 on one 24 GB GPU (NF4 base, bf16 compute, LoRA on every projection, random recurrence depth):
+huginn-0125 on one 80 GB GPU (bf16 base), or one 24 GB GPU (NF4 base, each recurrent step checkpointed); LoRA on
+every projection, random recurrence depth (the README's recipes, with their bills):
 
+    python train_sft.py --config configs/sft_huginn_80gb.yaml
     python train_sft.py --config configs/sft_huginn_24gb.yaml
 
 Several GPUs (DDP; the same script; set num_processes in the accelerate config):
@@ -50,7 +52,8 @@ class ScriptArguments(SafetyArguments):
     dataset_split: str | None = field(
         default=None, metadata={"help": "split of every hub source; default: its training split (train_1M, train)"})
     dataset_streaming: bool = field(
-        default=False, metadata={"help": "stream hub sources, reading only max_samples rows of each"})
+        default=False, metadata={"help": "stream the sources, reading a seeded shuffled subset of max_samples rows of "
+                                         "each (data.SHUFFLE_BUFFER_SIZE); off: read whole, first max_samples rows"})
     max_samples: int | None = field(default=None, metadata={"help": "rows read from each source (all when unset)"})
     keep_code_solutions: bool = field(
         default=False, metadata={"help": "keep OpenMathInstruct-1 solutions that run Python (<llm-code>)"})
@@ -93,13 +96,16 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     check_args(script_args, training_args)
 
     tokenizer = data.load_tokenizer(model_args.model_name_or_path, model_args.model_revision)
+    # Every rank builds the same examples. A streamed subset is seeded, and each rank streams and tokenizes it
+    # itself (streamed rows leave no cache); a source read whole is read and tokenized by rank 0 first, into the
+    # datasets cache that the other ranks then reuse.
     with training_args.main_process_first(desc="SFT data"):
         train_dataset, _ = data.build_sft_dataset(
             script_args.dataset_name, tokenizer, training_args.max_length, split=script_args.dataset_split,
             streaming=script_args.dataset_streaming, max_samples=script_args.max_samples,
             keep_code=script_args.keep_code_solutions, overlong=script_args.overlong,
             max_bad_fraction=script_args.max_bad_fraction, system_prompt=script_args.system_prompt or None,
-            num_proc=training_args.dataset_num_proc,
+            num_proc=training_args.dataset_num_proc, seed=training_args.seed,
         )
 
     model = load_model(model_args, training_args)

@@ -2,6 +2,7 @@
 SIGTERM / a kill while saving, the NaN guard, NF4, two-process DDP and a learning check."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -290,3 +291,30 @@ def test_two_process_ddp_ends_with_identical_adapters(tmp_path):
     assert all(rank0[name].abs().sum() > 0 for name in rank0 if "lora_B" in name)  # trained (lora_B starts at 0)
     assert {"rng_state_0.pth", "rng_state_1.pth", "depth_sampler.pt"} <= set(os.listdir(output_dir / "checkpoint-2"))
     assert not (output_dir / STAGING_DIR).exists()
+
+
+def test_streamed_subset_is_a_seeded_shuffle_and_counts_the_problem_sources_kept(tmp_path, tokenizer, caplog):
+    rows = omi2_rows(200)
+    for i, row in enumerate(rows):  # sorted by source, as a dump may be: gsm8k's rows first, then math's
+        row["problem_source"] = "gsm8k" if i < 100 else "math"
+        if i >= 100:  # too long for max_length 300, so dropped: the counts must be of the rows kept
+            row["generated_solution"] = "Add. " * 80 + row["generated_solution"]
+    source = str(write_jsonl(tmp_path / "omi2.jsonl", rows))
+
+    def problems(streaming: bool, seed: int) -> list[str]:
+        return data.read_sft_source(source, None, streaming, 40, seed)[0]["problem"]
+
+    in_file_order = [row["problem"] for row in rows[:40]]
+    assert problems(False, 0) == in_file_order  # read whole (the tiny default): the first rows, as before
+    subset = problems(True, 0)
+    assert len(set(subset)) == 40 and not set(subset) <= set(in_file_order)  # drawn from the whole file
+    assert problems(True, 0) == subset and problems(True, 1) != subset
+    from_math = len(set(subset) & {row["problem"] for row in rows[100:]})
+    assert 0 < from_math < 40
+
+    with caplog.at_level(logging.INFO, logger="data"):
+        examples, counts = data.build_sft_dataset([source], tokenizer, 300, streaming=True, max_samples=40, seed=0)
+    counts = counts[source]
+    assert counts["problem_source=gsm8k"] == counts["kept"] == len(examples) == 40 - from_math
+    assert counts["overlong_dropped"] == from_math and "problem_source=math" not in counts
+    assert f"problem_source=gsm8k {40 - from_math}" in caplog.text
