@@ -12,16 +12,19 @@ huginn-0125 on one GPU, zero-shot chat with the authors' math system prompt, ans
 
 The paper's settings (32 steps, greedy). GSM8K as lm-eval-harness's gsm8k_cot: its 8 exemplars as "Q: ... A:" chat
 turns ending "The answer is N.", the system prompt, 256 new tokens (lm-eval's default), completions cut at "Q:";
-its strict / flexible scores compare with the published 34.80 / 42.08. MATH without the system prompt, graded with
-math-verify (the paper used lm-eval's minerva_math prompt and matching):
+its strict / flexible scores compare with the published 34.80 / 42.08. MATH as lm-eval-harness's minerva_math:
+its 4 exemplars as "Problem: ... Solution:" turns ending "Final Answer: The final answer is X. I hope it is correct.",
+no system prompt, 256 new tokens, completions cut at "Problem:"; its exact match compares with the published 12.58:
 
     python evaluate.py --model_name_or_path tomg-group-umd/huginn-0125 --benchmarks gsm8k --num_steps 32 \\
         --prompt_format gsm8k_cot --num_fewshot 8 --max_new_tokens 256 --output_dir outputs/eval-paper-gsm8k
-    python evaluate.py --model_name_or_path tomg-group-umd/huginn-0125 --benchmarks math --num_steps 32 \\
-        --system_prompt "" --output_dir outputs/eval-paper-math
+    python evaluate.py --model_name_or_path tomg-group-umd/huginn-0125 --benchmarks math math500 --num_steps 32 \\
+        --prompt_format minerva_math --num_fewshot 4 --system_prompt "" --max_new_tokens 256 \\
+        --output_dir outputs/eval-paper-math
 
 Compare checkpoints in one table and plot:   --adapters base sft=outputs/sft grpo=outputs/grpo
 Sampling, pass@k and maj@k:                  --do_sample --num_samples 8 --temperature 0.7 --top_p 0.95
+Diffusion forcing, a parallel sampler:       --sampler diffusion --diffusion_inner_steps 4 (all knobs: --diffusion_*)
 Local files in the hub schema:               --benchmarks data/my_gsm8k.jsonl (label: the file stem)
                                              or --benchmarks gsm8k=data/my_gsm8k.jsonl
 Benchmark names: gsm8k (openai/gsm8k main test, 1319), math500 (HuggingFaceH4/MATH-500), math (the full
@@ -34,8 +37,9 @@ With --load_in_4bit, decoding runs on a dense copy of the NF4 weights (LoRA merg
 Decoding: generation.HuginnEngine, one per checkpoint and plan, continuously batched over the whole benchmark (a
 finished row takes the next problem), CUDA graphs on GPU.
 
-Outputs in output_dir: results.json (accuracy with Wilson 95% interval per checkpoint x benchmark x steps, GSM8K's
-lm-eval strict/flexible scores with gsm8k_cot prompts, tokens, speed, the memory plan, config, prompt, versions, git
+Outputs in output_dir: results.json (accuracy with Wilson 95% interval per checkpoint x benchmark x steps, the
+accuracy with flexible answer extraction, GSM8K's lm-eval strict/flexible scores with gsm8k_cot prompts, Minerva's
+exact match and equivalence with minerva_math prompts, tokens, speed, the memory plan, config, prompt, versions, git
 commit), samples.jsonl (one line per generated sample, appended and flushed as it goes) and accuracy_vs_steps.png.
 Rerunning with the same output_dir resumes: a sample is reused only when its key, a hash of everything that changes
 a completion (prompt, adapter files, a local base model's files or the hub id, dtype, NF4 working copy, depth, KV
@@ -58,9 +62,9 @@ import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import matplotlib
 import torch
@@ -73,6 +77,7 @@ import data
 import rewards
 from generation import (
     MEMORY_HEADROOM,
+    DiffusionSettings,
     HuginnEngine,
     MemoryPlan,
     free_memory_bytes,
@@ -84,7 +89,7 @@ from modeling_huginn_qlora import nf4_quantization_config
 from tiny import resolve_model_path
 
 BENCHMARKS = {"gsm8k": "openai/gsm8k", "math500": "HuggingFaceH4/MATH-500", "math": "EleutherAI/hendrycks_math"}
-PROMPT_FORMATS = ("boxed", "gsm8k_cot")
+PROMPT_FORMATS = ("boxed", "gsm8k_cot", "minerva_math")
 # lm-eval-harness's gsm8k_cot task, which the paper's GSM8K scores come from (prompts: data.gsm8k_cot_messages):
 # completions stop at "Q:"; strict = first "The answer is N.", flexible = last number, then exact match after its
 # normalisation.
@@ -92,6 +97,10 @@ LM_EVAL_STOP = "Q:"
 LM_EVAL_STRICT = re.compile(r"The answer is (-?[0-9.,]+).")
 LM_EVAL_FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
 LM_EVAL_IGNORE = (r",", r"\$", r"(?s).*#### ", r"\.$")
+# lm-eval-harness's minerva_math task, which the paper's MATH scores come from (prompts: data.minerva_math_messages):
+# completions stop at "Problem:"; the answer of "Final Answer: The final answer is X." scored by exact match after
+# Minerva's normalisation and by equivalence (rewards.minerva_exact_match, rewards extraction "minerva").
+MINERVA_STOP = "Problem:"
 
 # A generation backend: (requests, num_steps, kv_cache_slots, on_done) calls on_done(index, {"completion",
 # "num_tokens", "finished"}) for each request as it finishes, in any order (kv_cache_slots None: one slot per step).
@@ -112,6 +121,20 @@ class EvalArguments:
     exit_threshold: float | None = field(default=None, metadata={
         "help": "adaptive exit: a token stops recurring when successive steps' next-token KL is below this (e.g. "
                 "5e-4); num_steps is then the maximum. Uses generation.HuginnEngine"})
+    sampler: str = field(default="sequential", metadata={
+        "help": "sequential: every token runs all num_steps steps before the next; diffusion: diffusion forcing "
+                "(generation.DiffusionSettings, the diffusion_* knobs), a wave of positions recurring together, "
+                "each frozen once its state settles or it ran num_steps steps"})
+    diffusion_inner_steps: int = field(default=4, metadata={"help": "recurrent steps per wave; fewer: faster"})
+    diffusion_new_positions: int = field(default=1, metadata={"help": "positions a wave adds to the wavefront"})
+    diffusion_max_wavefront: int = field(default=16, metadata={
+        "help": "positions recurring together per row, at most; more: more parallel work per wave"})
+    diffusion_freeze: str = field(default="latent-diff", metadata={
+        "help": "latent-diff: a position also freezes once its state's relative change over a wave is below "
+                "diffusion_freeze_threshold; budget: only after num_steps steps"})
+    diffusion_freeze_threshold: float = field(default=0.03, metadata={"help": "higher: faster, less exact"})
+    diffusion_new_position_state: str = field(default="fresh", metadata={
+        "help": "fresh: a new position starts from the initial state; previous: from the wavefront's last state"})
     batch_size: int = field(default=16, metadata={
         "help": "prompts per generate call, at most; the memory plan lowers it to fit. Higher: faster, more memory"})
     max_memory_gb: float | None = field(default=None, metadata={
@@ -126,7 +149,9 @@ class EvalArguments:
     prompt_format: str = field(default="boxed", metadata={
         "help": "boxed: the chat prompt SFT trains on, answer in \\boxed{}; gsm8k_cot: lm-eval-harness's gsm8k_cot "
                 "('Q: ... A:' turns, its fixed exemplars ending 'The answer is N.'), which alone reports GSM8K's "
-                "lm-eval strict/flexible scores"})
+                "lm-eval strict/flexible scores; minerva_math: lm-eval-harness's minerva_math ('Problem: ... "
+                "Solution:' turns, its 4 exemplars ending 'Final Answer: The final answer is X. I hope it is "
+                "correct.'), which alone reports Minerva's exact match and equivalence"})
     num_fewshot: int = field(default=0, metadata={"help": "solved exemplars given as earlier chat turns"})
     fewshot_source: str = field(default="openai/gsm8k", metadata={
         "help": "hub id or local file of exemplars (prompt_format boxed)"})
@@ -178,9 +203,12 @@ def fixed_subset(rows: list, limit: int | None, seed: int) -> list:
 
 def chat_messages(problem: str, args: EvalArguments, exemplars: list[dict]) -> list[dict]:
     """The chat asking one problem, solved exemplars as earlier user/assistant turns. boxed: data.prompt_messages,
-    exemplars from `exemplars` answered in \\boxed{}; gsm8k_cot: lm-eval's "Q: ...\\nA:" turns, its own exemplars."""
+    exemplars from `exemplars` answered in \\boxed{}; gsm8k_cot: lm-eval's "Q: ...\\nA:" turns, its own exemplars;
+    minerva_math: lm-eval's "Problem: ... Solution:" turns, its own exemplars."""
     if args.prompt_format == "gsm8k_cot":
         return data.gsm8k_cot_messages(problem, args.system_prompt, args.num_fewshot)
+    if args.prompt_format == "minerva_math":
+        return data.minerva_math_messages(problem, args.system_prompt, args.num_fewshot)
     shots = []
     for example in exemplars:
         shots += data.prompt_messages(example["problem"], None)
@@ -276,7 +304,7 @@ class HuginnBackend:
                 self.engine.close()
             self.engine = HuginnEngine(self.model, key[0], self.max_prompt_tokens + self.args.max_new_tokens,
                                        kv_cache_slots=key[1], exit_threshold=self.args.exit_threshold,
-                                       init_state=self.args.init_state)
+                                       init_state=self.args.init_state, diffusion=diffusion_settings(self.args))
             self.engine_key = key
             print(f"engine for {num_steps} steps: batch {key[0]}, {key[1]} KV slot(s), cache "
                   f"{self.engine.cache_bytes / 1e9:.3f} GB allocated ({self.plans[num_steps].cache_bytes / 1e9:.3f} "
@@ -291,14 +319,15 @@ class HuginnBackend:
         self.engine_for(num_steps, kv_cache_slots).generate(
             prompts, num_steps=num_steps, max_new_tokens=args.max_new_tokens, eos_token_ids=self.eos_ids,
             do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p, state_seeds=seeds,
-            sampling_seeds=seeds, on_finish=lambda index, tokens, steps: on_done(index, self.completion(tokens, steps)))
+            sampling_seeds=seeds,
+            on_finish=lambda index, tokens, steps: on_done(index, self.completion(tokens, steps)))
 
     def completion(self, ids: list[int], steps_used: list[int]) -> dict:
         end = next((i for i, token in enumerate(ids) if token in self.eos_ids), None)
         kept = ids if end is None else ids[:end]
         completion = {"completion": self.tokenizer.decode(kept, skip_special_tokens=True),
                       "num_tokens": len(ids) if end is None else end + 1, "finished": end is not None}
-        if self.args.exit_threshold is not None:  # adaptive exit: the steps its tokens used
+        if self.args.exit_threshold is not None or self.args.sampler == "diffusion":  # the steps its tokens used
             completion["mean_steps_used"] = sum(steps_used) / len(steps_used)
         return completion
 
@@ -332,7 +361,7 @@ class SampleSink:
     def flush(self) -> None:
         if not self.pending:
             return
-        requests, completions = zip(*self.pending)
+        requests, completions = zip(*self.pending, strict=True)
         for record in score(list(requests), list(completions), self.is_gsm8k, self.args):
             self.file.write(json.dumps(record) + "\n")
             self.records[SampleRef.of(record)] = record
@@ -361,20 +390,30 @@ def lm_eval_gsm8k(completion: str, gold: str) -> tuple[bool, bool]:
 
 
 def score(requests: list[dict], completions: list[dict], is_gsm8k: bool, args: EvalArguments) -> list[dict]:
-    """Grade with rewards.py (math-verify; GSM8K allows a last-number fallback); sample records for samples.jsonl.
-    gsm8k_cot prompts: completions end at lm-eval's stop sequence, and GSM8K gets lm-eval's strict/flexible scores
-    (the \\boxed{} prompts never ask for 'The answer is N.', so strict would be ~0 by construction)."""
-    cot = args.prompt_format == "gsm8k_cot"
-    texts = [c["completion"].split(LM_EVAL_STOP)[0] if cot else c["completion"] for c in completions]
-    correct = rewards.grade_batch(texts, [r["answer"] for r in requests], timeout_s=args.grader_timeout_s,
-                                  num_workers=args.grader_workers, numeric_fallback=is_gsm8k)
+    """Grade with rewards.py (math-verify; GSM8K allows a last-number fallback), and with its flexible extraction
+    (models that do not box); sample records for samples.jsonl. gsm8k_cot prompts: completions end at lm-eval's stop
+    sequence, and GSM8K gets lm-eval's strict/flexible scores (the \\boxed{} prompts never ask for 'The answer is
+    N.', so strict would be ~0 by construction). minerva_math prompts: completions end at "Problem:", and get
+    Minerva's exact match and equivalence."""
+    cot, minerva = args.prompt_format == "gsm8k_cot", args.prompt_format == "minerva_math"
+    stop = LM_EVAL_STOP if cot else MINERVA_STOP if minerva else None
+    texts = [c["completion"].split(stop)[0] if stop else c["completion"] for c in completions]
+    golds = [r["answer"] for r in requests]
+    grading = dict(timeout_s=args.grader_timeout_s, num_workers=args.grader_workers)
+    correct = rewards.grade_batch(texts, golds, numeric_fallback=is_gsm8k, **grading)
+    flexible = rewards.grade_batch(texts, golds, extraction="flexible", **grading)
+    equivalent = rewards.grade_batch(texts, golds, extraction="minerva", **grading) if minerva else [None] * len(texts)
     records = []
-    for request, completion, text, verdict in zip(requests, completions, texts, correct):
+    for request, completion, text, verdict, flexible_verdict, minerva_verdict in zip(
+            requests, completions, texts, correct, flexible, equivalent, strict=True):
         record = {key: request[key] for key in ("checkpoint", "benchmark", "steps", "id", "sample", "key", "prompt")}
         record.update(completion=text, num_tokens=completion.get("num_tokens", 0),
                       finished=completion.get("finished", True), seconds=request["seconds"],
                       extracted=rewards.extract_answer(text, numeric_fallback=is_gsm8k), gold=request["answer"],
-                      correct=verdict)
+                      correct=verdict, correct_flexible=flexible_verdict)
+        if minerva:
+            record["minerva_exact_match"] = rewards.minerva_exact_match(text, request["answer"])
+            record["minerva_equivalent"] = minerva_verdict is True
         if "mean_steps_used" in completion:
             record["mean_steps_used"] = completion["mean_steps_used"]
         if is_gsm8k and cot:
@@ -417,9 +456,9 @@ def summarise(records: list[dict], num_samples: int) -> dict:
             "tokens_per_s": tokens / seconds if seconds > 0 else 0.0, "wall_time_s": seconds}
     if records and "mean_steps_used" in records[0]:  # adaptive exit
         cell["mean_steps_used"] = sum(r["mean_steps_used"] for r in records) / len(records)
-    if records and "lm_eval_strict" in records[0]:  # GSM8K with gsm8k_cot prompts
-        for key in ("lm_eval_strict", "lm_eval_flexible"):
-            cell[key] = sum(r[key] for r in records) / max(len(records), 1)
+    for key in ("correct_flexible", "lm_eval_strict", "lm_eval_flexible", "minerva_exact_match", "minerva_equivalent"):
+        if records and all(key in r for r in records):  # its prompt format's, and not in samples of older versions
+            cell[key] = sum(bool(r[key]) for r in records) / len(records)
     if num_samples > 1:
         for k in sorted({1, num_samples} | {2**i for i in range(1, num_samples.bit_length()) if 2**i <= num_samples}):
             cell[f"pass@{k}"] = sum(pass_at_k(len(g), sum(bool(r["correct"]) for r in g), k)
@@ -453,7 +492,8 @@ def read_samples(path: Path) -> list[dict]:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: line {number} is corrupt ({error}); remove it or use a new output_dir") from None
+            raise ValueError(
+                f"{path}: line {number} is corrupt ({error}); remove it or use a new output_dir") from None
     if tail.strip():
         try:
             records.append(json.loads(tail))
@@ -512,6 +552,8 @@ def completion_settings(args: EvalArguments, model: str, checkpoint: str, num_st
         settings.update(temperature=args.temperature, top_p=args.top_p)
     if plan.working_copy:  # NF4 dequantized: the same function, but not bit for bit
         settings["working_copy"] = True
+    if (diffusion := diffusion_settings(args)) is not None:  # absent for sequential: earlier samples still resume
+        settings["diffusion"] = asdict(diffusion)
     return {**settings, "model_name_or_path": model, "dtype": str(device_and_dtype(args)[1]), "checkpoint": checkpoint,
             "num_steps": num_steps, "kv_cache_slots": plan.kv_cache_slots}
 
@@ -597,8 +639,28 @@ def check_arguments(args: EvalArguments) -> None:
         raise ValueError(f"init_state must be 'random' or 'zero', got {args.init_state!r}")
     if args.prompt_format not in PROMPT_FORMATS:
         raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {args.prompt_format!r}")
-    if args.prompt_format == "gsm8k_cot" and args.num_fewshot > (available := len(data.GSM8K_COT_EXEMPLARS)):
-        raise ValueError(f"gsm8k_cot has {available} exemplars, num_fewshot is {args.num_fewshot}")
+    fixed_exemplars = {"gsm8k_cot": data.GSM8K_COT_EXEMPLARS, "minerva_math": data.MINERVA_MATH_EXEMPLARS}
+    available = len(fixed_exemplars.get(args.prompt_format, ()))
+    if available and args.num_fewshot > available:  # boxed prompts draw theirs from fewshot_source instead
+        raise ValueError(f"{args.prompt_format} has {available} exemplars, num_fewshot is {args.num_fewshot}")
+    if args.sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {args.sampler!r}")
+    if (diffusion := diffusion_settings(args)) is not None:  # its own checks of the knobs
+        if args.exit_threshold is not None:
+            raise ValueError("sampler diffusion freezes positions by its own rule: leave exit_threshold unset")
+        for steps in args.num_steps:
+            diffusion.check_depth(steps)
+
+
+SAMPLERS = ("sequential", "diffusion")
+
+
+def diffusion_settings(args: EvalArguments) -> DiffusionSettings | None:
+    """The diffusion-forcing knobs of `--sampler diffusion`; None for sequential decoding."""
+    if args.sampler != "diffusion":
+        return None
+    return DiffusionSettings(args.diffusion_inner_steps, args.diffusion_new_positions, args.diffusion_max_wavefront,
+                             args.diffusion_freeze, args.diffusion_freeze_threshold, args.diffusion_new_position_state)
 
 
 def wanted_samples(args: EvalArguments, problems: dict[str, list[dict]], plans: dict[int, MemoryPlan],
@@ -718,6 +780,8 @@ def main(args: EvalArguments, backends: dict[str, Backend] | None = None) -> lis
     for cell in cells:
         gsm8k = (f"  lm-eval strict {100 * cell['lm_eval_strict']:.2f} flexible {100 * cell['lm_eval_flexible']:.2f}"
                  if "lm_eval_strict" in cell else "")
+        gsm8k += (f"  minerva exact match {100 * cell['minerva_exact_match']:.2f} equivalent "
+                  f"{100 * cell['minerva_equivalent']:.2f}" if "minerva_exact_match" in cell else "")
         print(f"{cell['checkpoint']:>12} {cell['benchmark']:>14} steps {cell['num_steps']:>3}: "
               f"{100 * cell['accuracy']:6.2f}% [{100 * cell['ci95_low']:.1f}, {100 * cell['ci95_high']:.1f}] "
               f"n={cell['n']}{gsm8k}")

@@ -141,7 +141,8 @@ def plan_generation_memory(config: HuginnConfig, budget_bytes: float, batch_size
     one_row = kv_cache_bytes(config, 1, length, 1, dtype) + prefill_activation_bytes(config, 1, prompt_length, dtype)
     raise ValueError(f"generation needs {(weights + one_row) / 1e9:.2f} GB at batch 1 (weights {weights / 1e9:.2f} "
                      f"GB, {length} tokens of KV cache) but {MEMORY_HEADROOM:.0%} of the budget is "
-                     f"{MEMORY_HEADROOM * budget_bytes / 1e9:.2f} GB: use NF4 weights, fewer new tokens or more memory")
+                     f"{MEMORY_HEADROOM * budget_bytes / 1e9:.2f} GB: use NF4 weights, fewer new tokens or more "
+                     "memory")
 
 
 class EngineKVCache(HuginnKVCache):
@@ -247,12 +248,15 @@ class GenerationResult:
     """Per prompt, one entry per new token: `tokens` (up to and including its end token), `logprobs` (log p of the
     token at the sampling temperature, before top-k / top-p, as GRPO's loss scores it; 1 when greedy; with adaptive
     exit, at the exit step) and `steps_used` (recurrent steps behind it; a prompt's first token comes from its
-    prefill, always at full depth). Wall-clock seconds of prefills and of decode passes, the number of tokens the
-    decode passes produced and the row-passes they computed (a row per busy row and recurrent step)."""
+    prefill, always at full depth). Per prompt, `block_passes`: the block passes its decoded tokens waited for one
+    after another (prelude + core steps + coda of each decode pass or wave it was in; the prefill left out).
+    Wall-clock seconds of prefills and of decode passes, the number of tokens the decode passes produced and the
+    row-passes they computed (a row per busy row and recurrent step; diffusion: per row, slot and step)."""
 
     tokens: list[list[int]]
     logprobs: list[list[float]]
     steps_used: list[list[int]]
+    block_passes: list[int]
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     decode_tokens: int = 0
@@ -263,6 +267,12 @@ class GenerationResult:
         """Mean recurrent steps per decoded token (each prompt's first token, from its prefill, left out)."""
         decoded = [steps for row in self.steps_used for steps in row[1:]]
         return sum(decoded) / len(decoded) if decoded else float("nan")
+
+    @property
+    def block_passes_per_token(self) -> float:
+        """Sequential block passes per decoded token (each prompt's first token, from its prefill, left out)."""
+        decoded = sum(max(len(tokens) - 1, 0) for tokens in self.tokens)
+        return sum(self.block_passes) / decoded if decoded else float("nan")
 
 
 @dataclass
@@ -286,7 +296,7 @@ class _Run:
 
     def __post_init__(self):
         self.result = GenerationResult([[] for _ in self.prompts], [[] for _ in self.prompts],
-                                       [[] for _ in self.prompts])
+                                       [[] for _ in self.prompts], [0] * len(self.prompts))
 
     def busy_rows(self) -> list[int]:
         return [row for row, prompt in enumerate(self.row_prompt) if prompt is not None]
@@ -302,10 +312,16 @@ class HuginnEngine:
     Eager (no graphs), a pass computes only the busy rows: when no prompt is left to start, busy rows move to the
     front of the cache, and with adaptive exit each step computes only the rows still recurring. Graphs replay at
     the full batch, so there exited and free rows cost as much as busy ones; adaptive exit then saves time only when
-    every row of a pass has exited."""
+    every row of a pass has exited.
+
+    `diffusion` (DiffusionSettings): decode by diffusion forcing instead, a wave of positions recurring together
+    per pass (see DiffusionSettings); the prefill, cache, seeds, sampling and outputs stay the engine's."""
 
     def __init__(self, model, max_batch_size: int, max_length: int, kv_cache_slots: int = 1,
-                 exit_threshold: float | None = None, cuda_graphs: bool | None = None, init_state: str = "random"):
+                 exit_threshold: float | None = None, cuda_graphs: bool | None = None, init_state: str = "random",
+                 diffusion: "DiffusionSettings | None" = None):
+        if diffusion is not None and exit_threshold is not None:
+            raise ValueError("diffusion decoding freezes positions by its own rule: leave exit_threshold None")
         self.model = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: LoRA stays active
         self.config = self.model.config
         dtype, self.device = self.model.transformer.compute_dtype, self.model.transformer.wte.weight.device
@@ -318,11 +334,12 @@ class HuginnEngine:
         self.width = max_batch_size  # a pass computes rows [0, width): all of them with graphs, the busy ones eager
         self.rows: slice | torch.Tensor = slice(None)  # the rows the current phase computes (see EngineKVCache)
         self._phases = None  # name -> callable running one phase of a decode pass (a graph replay on CUDA)
+        self.diffusion = None if diffusion is None else _DiffusionDecoder(self, diffusion)
 
     def close(self) -> None:
         """Frees the KV cache, step buffers and recorded phases now; the engine is unusable after. (The phases refer
         back to the engine, so without this only the garbage collector frees them, a slow full collection.)"""
-        self._phases = self.buf = self.cache = None
+        self._phases = self.buf = self.cache = self.diffusion = None
 
     @property
     def cache_bytes(self) -> int:
@@ -353,7 +370,8 @@ class HuginnEngine:
         buf.running[rows] = buf.occupied[rows]
         buf.steps[rows] = 0
         buf.log_probs[rows] = -math.log(self.config.padded_vocab_size)  # uniform before the first step, as the authors
-        embedded = transformer.prelude_pass(transformer.wte(buf.tokens[rows, None]), self._rope, self._mask, self.cache)
+        token_embeddings = transformer.wte(buf.tokens[rows, None])
+        embedded = transformer.prelude_pass(token_embeddings, self._rope, self._mask, self.cache)
         buf.embedded[rows] = embedded  # (rows, 1, n_embd)
         buf.state[rows] = transformer.initial_state(embedded, positions, self.init_state, buf.state_seeds[rows])
 
@@ -433,7 +451,7 @@ class HuginnEngine:
         prompt and initial-state seed (e.g. GRPO's samples of one prompt) share one prefill, copied."""
         keys = [(tuple(run.prompts[run.row_prompt[row]]), run.state_seeds[run.row_prompt[row]]) for row in rows]
         first = {}  # (prompt, state seed) -> the row that prefills it
-        for row, key in zip(rows, keys):
+        for row, key in zip(rows, keys, strict=True):
             first.setdefault(key, row)
         unique = list(first)
         lengths = torch.tensor([len(prompt) for prompt, _ in unique], device=self.device)
@@ -446,7 +464,7 @@ class HuginnEngine:
                                         init_state=self.init_state, state_seeds=seeds).last_hidden_state
         logits = self.model.lm_head(hidden[torch.arange(len(unique), device=self.device), lengths - 1]).float()
         index = {key: i for i, key in enumerate(unique)}
-        for row, key in zip(rows, keys):
+        for row, key in zip(rows, keys, strict=True):
             if first[key] != row:
                 self.cache.copy_row(first[key], row, len(key[0]))
         return logits[[index[key] for key in keys]]
@@ -462,16 +480,18 @@ class HuginnEngine:
             self.width = rows[-1] + 1
             self.cache.kv_len = max(run.row_length[row] for row in rows) + 1
         run.result.computed_row_steps += self._decode_pass(run.num_steps)
-        for row in rows:
+        steps = buf.steps[rows].tolist()
+        for row, used in zip(rows, steps, strict=True):
             run.row_length[row] += 1
-        return buf.logits[rows], buf.steps[rows].tolist()
+            run.result.block_passes[run.row_prompt[row]] += block_passes(self.config, used)
+        return buf.logits[rows], steps
 
     def _compact(self, run: _Run) -> None:
         """The busy rows move to the front (each move copies one row's cache), so eager passes compute only as many
         rows as are busy."""
         busy = run.busy_rows()
         free = [row for row in range(len(busy)) if run.row_prompt[row] is None]
-        for target, source in zip(free, [row for row in busy if row >= len(busy)]):
+        for target, source in zip(free, [row for row in busy if row >= len(busy)], strict=True):
             self.cache.copy_row(source, target, run.row_length[source])
             for column in (run.row_prompt, run.row_length, run.row_token):
                 column[target], column[source] = column[source], column[target]
@@ -487,18 +507,8 @@ class HuginnEngine:
             chosen = (run.sampling(None, logits) + gumbel_noise(seeds, positions, logits.shape[-1])).argmax(-1)
         logprobs = (logits / run.temperature).log_softmax(-1).gather(1, chosen[:, None])[:, 0]
         finished = 0
-        for row, token, logprob, used in zip(rows, chosen.tolist(), logprobs.tolist(), steps):
-            prompt = run.row_prompt[row]
-            for output, value in zip((run.result.tokens, run.result.logprobs, run.result.steps_used),
-                                     (token, logprob, used)):
-                output[prompt].append(value)
-            if token in run.eos or len(run.result.tokens[prompt]) == run.budgets[prompt]:
-                run.row_prompt[row], run.row_length[row] = None, 0
-                finished += 1
-                if run.on_finish is not None:
-                    run.on_finish(prompt, run.result.tokens[prompt], run.result.steps_used[prompt])
-            else:
-                run.row_token[row] = token
+        for row, token, logprob, used in zip(rows, chosen.tolist(), logprobs.tolist(), steps, strict=True):
+            finished += _record(run, row, token, logprob, used)
         return finished
 
     @torch.no_grad()
@@ -519,7 +529,7 @@ class HuginnEngine:
         num_steps = sum(transformer.resolve_num_steps(
             num_steps or transformer.default_num_steps or self.config.mean_recurrence))
         budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
-        for prompt, budget in zip(prompts, budgets):
+        for prompt, budget in zip(prompts, budgets, strict=True):
             if not prompt or len(prompt) + budget > self.max_length:
                 raise ValueError(f"prompt of {len(prompt)} + {budget} new tokens does not fit max_length "
                                  f"{self.max_length} (or is empty)")
@@ -542,7 +552,9 @@ class HuginnEngine:
         was_training = self.model.training
         self.model.eval()  # no LoRA dropout, in the phases recorded below too
         try:
-            if self._phases is None:
+            if self.diffusion is not None:
+                self.diffusion.prepare(run, (do_sample, temperature, top_k, top_p))
+            elif self._phases is None:
                 self._prepare_phases()
             with tqdm(total=len(prompts), disable=not progress, desc="generate") as bar:
                 while queue or run.busy_rows():
@@ -553,7 +565,13 @@ class HuginnEngine:
                             run.row_prompt[row] = queue.popleft()
                             run.row_length[row] = len(prompts[run.row_prompt[row]])
                         bar.update(self._emit(run, free, self._prefill(run, free), [num_steps] * len(free)))
+                        if self.diffusion is not None:
+                            self.diffusion.start_rows(run, [row for row in free if run.row_prompt[row] is not None])
                         run.result.prefill_seconds += time.perf_counter() - start  # _emit ends in a host sync
+                        continue
+                    if self.diffusion is not None:  # no compaction: eager waves compute up to the last busy row
+                        bar.update(self.diffusion.wave(run, run.busy_rows()))
+                        run.result.decode_seconds += time.perf_counter() - start
                         continue
                     if not self.cuda_graphs:
                         self._compact(run)
@@ -564,6 +582,27 @@ class HuginnEngine:
         finally:
             self.model.train(was_training)
         return run.result
+
+
+def _record(run: _Run, row: int, token: int, logprob: float, used: int) -> bool:
+    """Append one new token to the prompt of `row`; if it ends the prompt (an end token or its budget), free the row
+    and report the prompt. Returns whether it ended."""
+    prompt = run.row_prompt[row]
+    for output, value in zip((run.result.tokens, run.result.logprobs, run.result.steps_used),
+                             (token, logprob, used), strict=True):
+        output[prompt].append(value)
+    if token in run.eos or len(run.result.tokens[prompt]) == run.budgets[prompt]:
+        run.row_prompt[row], run.row_length[row] = None, 0
+        if run.on_finish is not None:
+            run.on_finish(prompt, run.result.tokens[prompt], run.result.steps_used[prompt])
+        return True
+    run.row_token[row] = token
+    return False
+
+
+def block_passes(config: HuginnConfig, core_steps: int) -> int:
+    """Block passes of one forward of the model at `core_steps` recurrent steps: prelude, core blocks, coda."""
+    return config.n_layers_in_prelude + core_steps * config.n_layers_in_recurrent_block + config.n_layers_in_coda
 
 
 def _seeds(count: int, generator: torch.Generator | None, fixed: int | None = None) -> list[int]:
@@ -598,9 +637,283 @@ def _record_cuda_graphs(phases: dict) -> dict:
                 fn()
     except RuntimeError as error:
         torch.cuda.synchronize()
-        warnings.warn(f"CUDA graph recording failed, every decode phase runs eagerly: {error}")
+        warnings.warn(f"CUDA graph recording failed, every decode phase runs eagerly: {error}", stacklevel=2)
         return phases
     return {name: graph.replay for name, graph in graphs.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Diffusion forcing: the recurrence run in parallel over a wave of positions (Geiping, Yang, Su, arXiv 2510.14961)
+# ---------------------------------------------------------------------------------------------------------------
+
+FREEZE_RULES = ("latent-diff", "budget")
+NEW_POSITION_STATES = ("fresh", "previous")
+
+
+@dataclass(frozen=True)
+class DiffusionSettings:
+    """Knobs of diffusion-forcing decoding. Each row keeps a wavefront of up to `max_wavefront` positions past its
+    final tokens; a wave runs `inner_steps` recurrent steps on all of them at once (one batched block pass per block),
+    proposes the next token at every position, and appends `new_positions` positions (fewer at the cap). A position
+    freezes, emitting its proposal, once its state is done and every position before it froze: done is `num_steps`
+    steps run (its budget) or, with `freeze="latent-diff"`, a relative state change ||s - s_before|| / ||s|| over
+    the wave under `freeze_threshold`; and its input token must be the one the position before it now proposes (else
+    it recurs one more wave on the corrected token). `new_position_state`: a new position starts from the engine's
+    initial state ("fresh", what sequential decoding starts from) or from the state of the last position of the
+    wavefront ("previous"). `max_wavefront=1, inner_steps=num_steps` is sequential decoding, token for token.
+    Defaults: the reference implementation's inner steps, freeze rule and threshold; a cap of 16 instead of its 128,
+    since CUDA graphs compute every slot of the cap. Its state-noise mixing and embedding averaging are left out."""
+
+    inner_steps: int = 4
+    new_positions: int = 1
+    max_wavefront: int = 16
+    freeze: str = "latent-diff"
+    freeze_threshold: float = 0.03
+    new_position_state: str = "fresh"
+
+    def __post_init__(self):
+        for name in ("inner_steps", "new_positions", "max_wavefront"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"diffusion {name} must be an integer >= 1, got {value!r}")
+        if self.freeze not in FREEZE_RULES:
+            raise ValueError(f"diffusion freeze must be one of {FREEZE_RULES}, got {self.freeze!r}")
+        if not math.isfinite(self.freeze_threshold) or self.freeze_threshold < 0:
+            raise ValueError(f"diffusion freeze_threshold must be a finite number >= 0, got {self.freeze_threshold!r}")
+        if self.new_position_state not in NEW_POSITION_STATES:
+            raise ValueError(f"diffusion new_position_state must be one of {NEW_POSITION_STATES}, "
+                             f"got {self.new_position_state!r}")
+
+    def check_depth(self, num_steps: int) -> None:
+        if self.inner_steps > num_steps:
+            raise ValueError(f"diffusion inner_steps {self.inner_steps} exceeds the {num_steps} steps per token")
+
+
+@dataclass
+class _WaveBuffers:
+    """What a wave reads and writes, allocated once (CUDA graphs replay on their addresses). Slot i of row r is
+    position start[r] + i; slots from width[r] on are idle (they compute, but write only the scratch position)."""
+
+    tokens: torch.Tensor  # (batch, slots) each slot's input token: slot 0's is final, the others proposals
+    state: torch.Tensor  # (batch, slots, n_embd)
+    steps: torch.Tensor  # (batch, slots) recurrent steps each slot's state has run
+    start: torch.Tensor  # (batch,) the row's first position not frozen
+    width: torch.Tensor  # (batch,) slots in use
+    end: torch.Tensor  # (batch,) positions from here on are never needed: prompt + budget - 1; 0 on a free row
+    state_seeds: torch.Tensor  # (batch,)
+    sampling_seeds: torch.Tensor  # (batch,)
+    logits: torch.Tensor  # (batch, slots, vocab) fp32, next-token logits of every slot
+    change: torch.Tensor  # (batch, slots) fp32 relative state change over the wave
+    proposed: torch.Tensor  # (batch, slots) the wave's proposal at every slot; the first `frozen` are final
+    logprobs: torch.Tensor  # (batch, slots) fp32, of the proposals at the sampling temperature
+    used_steps: torch.Tensor  # (batch, slots) steps behind each proposal
+    frozen: torch.Tensor  # (batch,) slots the wave froze
+
+    @classmethod
+    def allocate(cls, config: HuginnConfig, batch: int, slots: int, dtype, device) -> "_WaveBuffers":
+        def zeros(*shape, dtype=torch.long):
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        return cls(
+            tokens=zeros(batch, slots), state=zeros(batch, slots, config.n_embd, dtype=dtype),
+            steps=zeros(batch, slots), start=zeros(batch), width=zeros(batch), end=zeros(batch),
+            state_seeds=zeros(batch), sampling_seeds=zeros(batch),
+            logits=zeros(batch, slots, config.padded_vocab_size, dtype=torch.float32),
+            change=zeros(batch, slots, dtype=torch.float32), proposed=zeros(batch, slots),
+            logprobs=zeros(batch, slots, dtype=torch.float32), used_steps=zeros(batch, slots), frozen=zeros(batch),
+        )
+
+
+class _WaveView:
+    """The cache interface `HuginnModel`'s phases expect, for a wave: slot i of row r writes its keys and values at
+    `positions[r, i]` of cache row `rows[r]` (idle slots at the scratch position) and reads the first `kv_len`."""
+
+    def __init__(self, cache: EngineKVCache, rows, positions: torch.Tensor, writes: torch.Tensor):
+        self.cache, self.rows = cache, rows
+        self.row_ids = cache.row_ids[rows][:, None]  # (rows, 1)
+        self.targets = torch.where(writes, positions, cache.scratch)  # (rows, slots)
+        self.prelude_layer, self.core_layer, self.coda_layer = cache.prelude_layer, cache.core_layer, cache.coda_layer
+
+    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """keys, values (rows, heads, slots, head_dim) -> cached (rows, heads, kv_len, head_dim)."""
+        cache = self.cache
+        cache.keys[layer, self.row_ids, :, self.targets] = keys.transpose(1, 2)  # indexed as (rows, slots, heads, hd)
+        cache.values[layer, self.row_ids, :, self.targets] = values.transpose(1, 2)
+        return cache.keys[layer, self.rows, :, :cache.kv_len], cache.values[layer, self.rows, :, :cache.kv_len]
+
+
+class _DiffusionDecoder:
+    """HuginnEngine's diffusion-forcing decode: a wave over every busy row's wavefront per pass, in two phases that
+    only read and write the wave buffers and the engine's cache (no host sync): "wave" (prelude, `inner_steps` core
+    steps, coda and head over all slots) and "advance" (proposals, freezing, moving the wavefront on). The host then
+    reads the frozen tokens once per wave. On CUDA both are recorded as graphs at the full batch and wavefront, once
+    per depth (and "advance" per sampling setting). Eager, a wave computes rows up to the last busy one, the slots in
+    use and keys up to the longest extent."""
+
+    def __init__(self, engine: HuginnEngine, settings: DiffusionSettings):
+        self.engine, self.settings = engine, settings
+        self.wave_buf = _WaveBuffers.allocate(engine.config, engine.max_batch_size, settings.max_wavefront,
+                                              engine.model.transformer.compute_dtype, engine.device)
+        self.slots = torch.arange(settings.max_wavefront, device=engine.device)
+        self.rows: slice | torch.Tensor = slice(None)
+        self._phases = {}  # ("wave", depth) and ("advance", depth, sampling setting) -> the phase for them
+        self.num_steps, self.temperature, self.sampling = 0, 1.0, None
+        self.num_slots = settings.max_wavefront  # slots a wave computes: all of them with graphs, those in use eager
+
+    def prepare(self, run: _Run, sampling_key: tuple) -> None:
+        """The run's depth and sampling; phases recorded on first use (on CUDA while no row is busy, so their
+        warm-up and recording runs leave nothing behind: every cache write goes to the scratch position)."""
+        self.settings.check_depth(run.num_steps)
+        self.num_steps, self.temperature, self.sampling = run.num_steps, run.temperature, run.sampling
+        self.wave_buf.width.zero_()  # no row is busy yet
+        self.wave_buf.end.zero_()
+        wanted = {("wave", run.num_steps): self._run_wave,
+                  ("advance", run.num_steps, *sampling_key): self._run_advance}
+        missing = {key: phase for key, phase in wanted.items() if key not in self._phases}
+        if missing and self.engine.cuda_graphs and self.engine.device.type == "cuda":
+            self._select(slice(None))
+            self.engine.cache.kv_len, self.num_slots = self.engine.max_length, self.settings.max_wavefront
+            missing = _record_cuda_graphs(missing)
+        self._phases |= missing
+        self._wave_phase, self._advance = (self._phases[key] for key in wanted)
+
+    def _select(self, rows: slice | torch.Tensor) -> None:
+        self.rows = self.engine.cache.rows = rows
+
+    def start_rows(self, run: _Run, rows: list[int]) -> None:
+        """Rows whose prompt was just prefilled (and whose first token did not end it): a wavefront of one position,
+        the first new token's, from the initial state."""
+        if not rows:
+            return
+        wave, device = self.wave_buf, self.engine.device
+        index = torch.tensor(rows, device=device)
+        prompts = [run.row_prompt[row] for row in rows]
+        start = torch.tensor([run.row_length[row] for row in rows], device=device)
+        seeds = torch.tensor([run.state_seeds[p] for p in prompts], device=device)
+        wave.start[index], wave.width[index], wave.steps[index] = start, 1, 0
+        wave.end[index] = torch.tensor([len(run.prompts[p]) + run.budgets[p] - 1 for p in prompts], device=device)
+        wave.tokens[index, 0] = torch.tensor([run.row_token[row] for row in rows], device=device)
+        wave.state_seeds[index] = seeds
+        wave.sampling_seeds[index] = torch.tensor([run.sampling_seeds[p] for p in prompts], device=device)
+        template = wave.state[index, :1]  # (rows, 1, n_embd)
+        wave.state[index, :1] = self.engine.model.transformer.initial_state(template, start[:, None],
+                                                                          self.engine.init_state, seeds)
+
+    def _run_wave(self) -> None:
+        """Prelude, `inner_steps` recurrent steps and coda + head on the first `num_slots` slots of the rows."""
+        wave, rows, transformer, config = self.wave_buf, self.rows, self.engine.model.transformer, self.engine.config
+        slots = self.slots[:self.num_slots]
+        positions = wave.start[rows, None] + slots  # (rows, slots)
+        view = _WaveView(self.engine.cache, rows, positions, slots < wave.width[rows, None])
+        rope = rotary_cos_sin(positions, config.head_dim, config.rope_base)  # each (rows, slots, 1, head_dim // 2)
+        key_positions = torch.arange(self.engine.cache.kv_len, device=positions.device)
+        mask = (key_positions <= positions[..., None])[:, None]  # (rows, 1, slots, kv_len)
+        embedded = transformer.prelude_pass(transformer.wte(wave.tokens[rows, :len(slots)]), rope, mask, view)
+        state = before = wave.state[rows, :len(slots)]
+        # A wave's steps use the cache slots of the depth's last `inner_steps` steps (slot = step mod k), the ones
+        # holding the prompt's final keys; with inner_steps = num_steps that is sequential decoding's mapping.
+        first_step = self.num_steps - self.settings.inner_steps
+        for step in range(first_step, self.num_steps):
+            state = transformer.core_step(state, embedded, rope, mask, view, step)
+        hidden = transformer.coda_pass(state, rope, mask, view)
+        wave.logits[rows, :len(slots)] = self.engine.model.lm_head(hidden).float()
+        # before the state is written back: `before` may be a view of the buffer
+        wave.change[rows, :len(slots)] = (state - before).float().norm(dim=-1) / state.float().norm(dim=-1).clamp(
+            min=1e-12)
+        wave.state[rows, :len(slots)] = state
+        wave.steps[rows, :len(slots)] += self.settings.inner_steps
+
+    def _propose(self, logits: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """logits (n, vocab), seeds and positions of the proposed tokens (n,) -> tokens (n,): greedy, or sampled
+        with the engine's per-(seed, position) Gumbel noise (the token a position proposes is then the same at each
+        wave while its logits stay the same)."""
+        if self.sampling is None:
+            return logits.argmax(-1)
+        return (self.sampling(None, logits) + gumbel_noise(seeds, positions, logits.shape[-1])).argmax(-1)
+
+    def _run_advance(self) -> None:
+        """Proposals at the wave's slots, the frozen prefix of each row (recorded for the host), and the wavefront
+        moved past it, extended by `new_positions` (within the cap and the row's budget)."""
+        wave, rows, settings, used = self.wave_buf, self.rows, self.settings, self.num_slots
+        logits, tokens, steps = wave.logits[rows, :used], wave.tokens[rows, :used], wave.steps[rows, :used]
+        start, width, end = wave.start[rows], wave.width[rows], wave.end[rows]
+        num_rows, slots = tokens.shape[0], self.slots[:used]
+        positions = start[:, None] + slots  # (rows, slots)
+        proposed = self._propose(logits.flatten(0, 1), wave.sampling_seeds[rows].repeat_interleave(used),
+                                 (positions + 1).flatten()).view(num_rows, used)
+        logprobs = (logits / self.temperature).log_softmax(-1).gather(-1, proposed[..., None])[..., 0]
+        done = steps >= self.num_steps
+        if settings.freeze == "latent-diff":
+            done |= wave.change[rows, :used] < settings.freeze_threshold
+        # a slot's input token is final if it is slot 0 or the proposal the slot before it makes now
+        settled = torch.cat([torch.ones_like(done[:, :1]), tokens[:, 1:] == proposed[:, :-1]], dim=1)
+        frozen = (done & settled & (slots < width[:, None])).long().cumprod(1).sum(1)  # (rows,)
+        wave.proposed[rows, :used], wave.logprobs[rows, :used], wave.used_steps[rows, :used] = (
+            proposed, logprobs, steps)
+        wave.frozen[rows] = frozen
+
+        # New slot j is old slot j + frozen; the first slot past the old wavefront takes the last proposal as its
+        # token (so does any further new slot: no position proposes a token for it yet).
+        reach = min(used + settings.new_positions, settings.max_wavefront)  # slots the new wavefront may use
+        source = self.slots[:reach] + frozen[:, None]  # (rows, reach)
+        kept = source < width[:, None]
+        guesses = torch.cat([tokens[:, :1], proposed], dim=1)  # (rows, used + 1): slot i's newest input token
+        wave.tokens[rows, :reach] = guesses.gather(1, torch.minimum(source, width[:, None]))
+        old_slot = source.clamp(max=used - 1)
+        state = wave.state[rows, :used]
+        kept_state = state.gather(1, old_slot[..., None].expand(-1, -1, state.shape[-1]))
+        new_start = start + frozen
+        wave.state[rows, :reach] = torch.where(kept[..., None], kept_state, self._new_state(state, width, new_start,
+                                                                                               reach))
+        wave.steps[rows, :reach] = torch.where(kept, steps.gather(1, old_slot), 0)
+        wave.start[rows] = new_start
+        wave.width[rows] = torch.minimum(width - frozen + settings.new_positions,
+                                         (end - new_start).clamp(min=0)).clamp(max=settings.max_wavefront)
+
+    def _new_state(self, state: torch.Tensor, width: torch.Tensor, new_start: torch.Tensor,
+                   reach: int) -> torch.Tensor:
+        """The state (rows, reach, n_embd) of a position new to the wavefront at each of the first `reach` slots:
+        the engine's initial state at its position, or a copy of the wavefront's last state."""
+        if self.settings.new_position_state == "previous":
+            last = (width - 1).clamp(min=0)[:, None, None].expand(-1, 1, state.shape[-1])
+            return state.gather(1, last).expand(-1, reach, -1)
+        positions = new_start[:, None] + self.slots[:reach]
+        template = state[:, :1].expand(-1, reach, -1)
+        return self.engine.model.transformer.initial_state(template, positions, self.engine.init_state,
+                                                           self.wave_buf.state_seeds[self.rows])
+
+    def wave(self, run: _Run, rows: list[int]) -> int:
+        """One wave for the busy `rows`; records the tokens it froze. Returns how many prompts finished. Eager, it
+        computes rows up to the last busy one (free rows between them write nothing) and the slots in use."""
+        wave, engine = self.wave_buf, self.engine
+        index = torch.tensor(rows, device=engine.device)
+        if engine.cuda_graphs:
+            self._select(slice(None))
+            engine.cache.kv_len, self.num_slots = engine.max_length, self.settings.max_wavefront
+        else:
+            self._select(slice(0, rows[-1] + 1))
+            extent, width = (wave.start[index] + wave.width[index]).max(), wave.width[index].max()
+            engine.cache.kv_len, self.num_slots = int(extent), int(width)
+        self._wave_phase()
+        self._advance()
+        frozen, proposed, used, logprobs = (t[index].tolist() for t in (wave.frozen, wave.proposed, wave.used_steps,
+                                                                        wave.logprobs))
+        passes = block_passes(engine.config, self.settings.inner_steps)
+        run.result.computed_row_steps += len(rows) * self.num_slots * self.settings.inner_steps
+        finished = []
+        for row, count, row_tokens, row_logprobs, row_steps in zip(rows, frozen, proposed, logprobs, used,
+                                                                   strict=True):
+            run.result.block_passes[run.row_prompt[row]] += passes
+            for token, logprob, steps in zip(row_tokens[:count], row_logprobs[:count], row_steps[:count],
+                                             strict=True):
+                run.result.decode_tokens += 1
+                if _record(run, row, token, logprob, steps):
+                    finished.append(row)
+                    break
+        if finished:  # their wavefronts go idle
+            index = torch.tensor(finished, device=engine.device)
+            wave.start[index], wave.width[index], wave.end[index] = 0, 0, 0
+        return len(finished)
 
 
 # ---------------------------------------------------------------------------------------------------------------

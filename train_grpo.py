@@ -2,10 +2,12 @@
 
     # tiny offline default, CPU (starts from the tiny SFT adapter when present, else from the base)
     python train_grpo.py --config configs/grpo_tiny.yaml
-    # huginn-0125 on one 24 GB GPU, from an SFT adapter
-    python train_grpo.py --config configs/grpo_huginn_24gb.yaml --sft_adapter outputs/sft-huginn
+    # huginn-0125 on one 80 GB or one 24 GB GPU, from the SFT adapter of the same recipe
+    python train_grpo.py --config configs/grpo_huginn_80gb.yaml --sft_adapter outputs/sft-huginn-80gb
+    python train_grpo.py --config configs/grpo_huginn_24gb.yaml --sft_adapter outputs/sft-huginn-24gb
     # several GPUs
-    accelerate launch --config_file configs/accelerate_ddp.yaml train_grpo.py --config configs/grpo_huginn_24gb.yaml
+    accelerate launch --config_file configs/accelerate_ddp.yaml train_grpo.py --config configs/grpo_huginn_24gb.yaml \
+        --sft_adapter outputs/sft-huginn-multigpu
 
 How this departs from GRPO as published (DeepSeekMath, then DeepSeek-R1-Zero):
 - Depth is part of the policy. Each generation round draws one recurrence depth from `rollout_num_steps`
@@ -22,7 +24,8 @@ How this departs from GRPO as published (DeepSeekMath, then DeepSeek-R1-Zero):
   KV slots, `generation_kwargs: {kv_cache_slots: k}`), each token's loss is weighted by p_trained / p_sampler,
   capped (TRL's truncated importance sampling, its `vllm_importance_sampling_*` knobs); the mismatch is logged
   (sampling/kl). The loss packs a group's samples into one row that computes their prompt once
-  (`pack_shared_prompts`).
+  (`pack_shared_prompts`). `rollout_sampler: diffusion` rolls out by diffusion forcing instead (positions recur
+  together, fewer sequential block passes), an approximate sampler corrected the same way.
 - The policy has no dropout: rollouts sample, and the loss scores, one deterministic policy (an SFT adapter's
   `lora_dropout` is switched off). Trainable weights stay fp32 under an NF4 base (TRL would cast them to bf16).
 - Loss and advantage defaults are TRL's (`loss_type: dapo`-style token-level normalisation, group-scaled
@@ -31,9 +34,12 @@ How this departs from GRPO as published (DeepSeekMath, then DeepSeek-R1-Zero):
   gives that completion 0 and a counted warning instead of stopping the run.
 """
 
+import itertools
 import logging
+import math
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -46,7 +52,7 @@ from trl.models import unwrap_model_for_generation
 
 import data
 import rewards
-from generation import HuginnEngine, pick_generation_model
+from generation import DiffusionSettings, HuginnEngine, pick_generation_model
 from training import (
     SafeTrainerMixin,
     SafetyArguments,
@@ -54,8 +60,8 @@ from training import (
     load_model,
     lora_config,
     parse_args,
-    train_and_save,
     setup_logging,
+    train_and_save,
 )
 
 logger = logging.getLogger(__name__)
@@ -71,7 +77,8 @@ class ScriptArguments(SafetyArguments):
         default_factory=lambda: ["openai/gsm8k"],
         metadata={"help": "prompt sources: hub ids, local files in their schemas, or tiny:<name>; concatenated"})
     dataset_split: str | None = field(default=None, metadata={"help": "split of every hub source (default: train)"})
-    max_samples: int | None = field(default=None, metadata={"help": "rows read from each source (all when unset)"})
+    max_samples: int | None = field(
+        default=None, metadata={"help": "usable prompts taken from each source; unset: as many as max_steps draws"})
     system_prompt: str = field(default=data.SYSTEM_PROMPT, metadata={"help": "'' for none; match SFT and evaluate.py"})
     sft_adapter: str | None = field(default=None, metadata={"help": "LoRA adapter dir to start from (train_sft.py)"})
     rollout_num_steps: list[int] = field(
@@ -86,6 +93,13 @@ class ScriptArguments(SafetyArguments):
     rollout_batch_size: int | None = field(
         default=None, metadata={"help": "completions decoded at once (default: all of a round's); lower caps the "
                                        "rollout KV cache's memory, continuous batching keeps the rows busy"})
+    rollout_sampler: str = field(
+        default="sequential", metadata={"help": "sequential, or diffusion: diffusion forcing (generation."
+                                       "DiffusionSettings, knobs not set here at their defaults), positions recurring "
+                                       "together; its log-probs go through the same sampler-mismatch correction"})
+    rollout_diffusion_inner_steps: int = field(default=4, metadata={"help": "diffusion: recurrent steps per wave"})
+    rollout_diffusion_max_wavefront: int = field(
+        default=16, metadata={"help": "diffusion: positions of a completion recurring together, at most"})
     final_norm_learning_rate: float = field(
         default=0.0, metadata={"help": "> 0: also train the final RMSNorm's gain (transformer.ln_f, saved with the "
                                        "adapter) at this rate: the one weight that sets the logits' scale"})
@@ -98,7 +112,11 @@ class HuginnGRPOTrainer(SafeTrainerMixin, GRPOTrainer):
     are listed in training.LIBRARY_INTERNALS."""
 
     def __init__(self, *args, rollout_num_steps: list[int], backprop_steps: int, state_seed: int,
-                 final_norm_learning_rate: float = 0.0, rollout_batch_size: int | None = None, **kwargs):
+                 final_norm_learning_rate: float = 0.0, rollout_batch_size: int | None = None,
+                 rollout_diffusion: DiffusionSettings | None = None, **kwargs):
+        for depth in rollout_num_steps if rollout_diffusion is not None else []:
+            rollout_diffusion.check_depth(depth)
+        self.rollout_diffusion = rollout_diffusion
         self.final_norm_learning_rate = final_norm_learning_rate
         super().__init__(*args, **kwargs)
         self.rollout_num_steps, self.backprop_steps, self.state_seed = rollout_num_steps, backprop_steps, state_seed
@@ -168,7 +186,8 @@ class HuginnGRPOTrainer(SafeTrainerMixin, GRPOTrainer):
             # in memory: building it once per round costs less than the adapter's extra matmuls (and NF4's
             # dequantization) in every block pass of every token. It matches the model to rounding (tested).
             sampler = pick_generation_model(model, rows, max_length, slots, dtype=backbone.compute_dtype)
-            engine = HuginnEngine(sampler, max_batch_size=rows, kv_cache_slots=slots, max_length=max_length)
+            engine = HuginnEngine(sampler, max_batch_size=rows, kv_cache_slots=slots, max_length=max_length,
+                                  diffusion=self.rollout_diffusion)
             try:
                 result = engine.generate(prompt_ids, num_steps=depth, max_new_tokens=self.max_completion_length,
                                          eos_token_ids=self.eos_token_ids, do_sample=True,
@@ -263,7 +282,7 @@ def pack_shared_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor, c
     ids, mask = input_ids.tolist(), attention_mask.tolist()
     groups: dict[tuple, list[int]] = {}  # prompt tokens -> its samples' batch rows
     for row in range(len(ids)):
-        prompt = tuple(t for t, m in zip(ids[row][:prompt_length], mask[row][:prompt_length]) if m)
+        prompt = tuple(t for t, m in zip(ids[row][:prompt_length], mask[row][:prompt_length], strict=True) if m)
         groups.setdefault(prompt, []).append(row)
     tokens, segments, positions, scored, sources = [], [], [], [], []
     for prompt, members in groups.items():
@@ -354,21 +373,68 @@ def build_reward_funcs(names: list[str], max_completion_length: int, length_marg
     return [fail_safe(available[name]()) for name in names]
 
 
-def build_prompt_dataset(script_args: ScriptArguments) -> Dataset:
-    """{"prompt": chat messages, "answer": gold} for every usable row of the sources. Malformed rows and rows whose
-    gold answer the grader cannot parse are skipped and reported."""
+def prompts_per_run(training_args: GRPOConfig) -> int | None:
+    """The distinct prompts a run of `max_steps` draws; None for a run bounded by epochs. TRL's RepeatSampler draws
+    a fresh chunk of generation_batch_size / num_generations prompts per generation round, and one round feeds
+    steps_per_generation x num_iterations of the run's max_steps x gradient_accumulation_steps micro-batches."""
+    if training_args.max_steps <= 0:
+        return None
+    micro_batches = training_args.max_steps * training_args.gradient_accumulation_steps
+    rounds = math.ceil(micro_batches / (training_args.steps_per_generation * training_args.num_iterations))
+    return rounds * training_args.generation_batch_size // training_args.num_generations
+
+
+def prompt_rows(source: str, split: str, seed: int) -> tuple[Iterator[dict], str]:
+    """A source's rows, read as they are pulled, and its schema. A hub source streams in a seeded shuffled order
+    (data.shuffled_stream): only the rows pulled and the shuffle buffer are read, never the whole split. A local
+    file is read whole, in file order, as train_sft.py reads it without streaming (the tiny pipeline's prompts)."""
+    if data.is_local_file(data.resolve_source(source)):
+        dataset, schema = data.read_sft_source(source, split, False, None)
+    else:
+        dataset, schema = data.shuffled_stream(source, split, seed)
+    return iter(dataset), schema
+
+
+def gradable_rows(rows: list[dict], first_index: int, schema: str, source: str) -> tuple[list, int, list[str]]:
+    """(row, normalised fields) of the rows that make prompts; how many rows are malformed or incorrect; the gold
+    answers the grader cannot parse (their rows skipped too). Rows are numbered from `first_index` in errors."""
+    screened = [data.screen_row(row, first_index + i, schema, source, keep_code=True) for i, row in enumerate(rows)]
+    usable = [(row, fields) for row, fields in zip(rows, screened, strict=True) if not fields["skip"]]
+    verdicts = rewards.gradable_golds([fields["answer"] for _, fields in usable])
+    ungradable = [fields["answer"] for (_, fields), ok in zip(usable, verdicts, strict=True) if not ok]
+    return [pair for pair, ok in zip(usable, verdicts, strict=True) if ok], len(rows) - len(usable), ungradable
+
+
+def source_prompts(source: str, split: str, limit: int | None, seed: int, system_prompt: str | None) -> list[dict]:
+    """`limit` prompts (all when None) {"prompt", "answer"} of one source: rows are pulled until that many are
+    usable, so a streamed source is read no further. Skipped rows and the problem_source mix are logged."""
+    rows, schema = prompt_rows(source, split, seed)
+    kept, read, skipped, ungradable = [], 0, 0, []
+    while limit is None or len(kept) < limit:
+        chunk = list(itertools.islice(rows, None if limit is None else limit - len(kept)))
+        if not chunk:
+            break
+        gradable, malformed, bad_golds = gradable_rows(chunk, read, schema, source)
+        kept += gradable
+        ungradable += bad_golds
+        read, skipped = read + len(chunk), skipped + malformed
+    mix = data.mix_counts([row[data.MIX_COLUMN] for row, _ in kept if data.MIX_COLUMN in row])
+    logger.info(f"{source}: {read} rows read, {skipped} malformed or incorrect, {len(ungradable)} with a gold answer "
+                f"the grader cannot parse (e.g. {ungradable[:3]}), skipped; {len(kept)} prompts"
+                + "".join(f", {key} {value}" for key, value in mix.items()))
+    return [{"prompt": data.prompt_messages(fields["problem"], system_prompt), "answer": fields["answer"]}
+            for _, fields in kept]
+
+
+def build_prompt_dataset(script_args: ScriptArguments, num_prompts: int | None = None, seed: int = 0) -> Dataset:
+    """{"prompt": chat messages, "answer": gold} of the sources concatenated: from each, `max_samples` usable prompts
+    when set, else `num_prompts` (what the run draws: prompts_per_run; with several sources each gives up to that
+    many), else all. `seed` orders a streamed hub source (prompt_rows)."""
+    limit = script_args.max_samples if script_args.max_samples is not None else num_prompts
     rows = []
     for source in script_args.dataset_name:
-        dataset, schema = data.read_sft_source(source, script_args.dataset_split or "train", False,
-                                               script_args.max_samples)
-        screened = [data.screen_row(row, i, schema, source, keep_code=True) for i, row in enumerate(dataset)]
-        usable = [row for row in screened if not row["skip"]]
-        verdicts = rewards.gradable_golds([r["answer"] for r in usable])
-        ungradable = [r["answer"] for r, ok in zip(usable, verdicts) if not ok]
-        logger.info(f"{source}: {len(screened)} rows, {len(screened) - len(usable)} malformed or incorrect, "
-                    f"{len(ungradable)} with a gold answer the grader cannot parse (e.g. {ungradable[:3]}), skipped")
-        rows += [{"prompt": data.prompt_messages(r["problem"], script_args.system_prompt or None),
-                  "answer": r["answer"]} for r, ok in zip(usable, verdicts) if ok]
+        rows += source_prompts(source, script_args.dataset_split or "train", limit, seed,
+                               script_args.system_prompt or None)
     if not rows:
         raise data.DataError(f"{script_args.dataset_name}: no usable prompt")
     return Dataset.from_list(rows)
@@ -406,8 +472,10 @@ def build_trainer(script_args: ScriptArguments, training_args: GRPOConfig, model
     """Tokenizer, prompts, policy and rewards (`script_args.reward_funcs` unless `reward_funcs` are given) in a
     trainer, ready to train."""
     tokenizer = data.load_tokenizer(model_args.model_name_or_path, model_args.model_revision)
+    # Every rank reads the same prompts itself (a streamed source's order is seeded), rank 0 first: TRL's sampler
+    # needs the same dataset on every rank.
     with training_args.main_process_first(desc="GRPO prompts"):
-        train_dataset = build_prompt_dataset(script_args)
+        train_dataset = build_prompt_dataset(script_args, prompts_per_run(training_args), training_args.seed)
     model, peft_config = load_policy(script_args, model_args, training_args, tokenizer)
     if model_args.lora_dropout:
         logger.warning(f"lora_dropout {model_args.lora_dropout} ignored: GRPO samples and scores the policy without "
@@ -420,9 +488,19 @@ def build_trainer(script_args: ScriptArguments, training_args: GRPOConfig, model
         reward_funcs=reward_funcs, peft_config=peft_config, rollout_num_steps=script_args.rollout_num_steps,
         backprop_steps=script_args.backprop_steps, state_seed=script_args.state_seed,
         final_norm_learning_rate=script_args.final_norm_learning_rate,
-        rollout_batch_size=script_args.rollout_batch_size,
+        rollout_batch_size=script_args.rollout_batch_size, rollout_diffusion=rollout_diffusion(script_args),
         max_consecutive_nonfinite=script_args.max_consecutive_nonfinite,
     )
+
+
+def rollout_diffusion(script_args: ScriptArguments) -> DiffusionSettings | None:
+    """The diffusion-forcing knobs of `rollout_sampler: diffusion`; None for sequential rollouts."""
+    if script_args.rollout_sampler not in ("sequential", "diffusion"):
+        raise ValueError(f"rollout_sampler must be sequential or diffusion, got {script_args.rollout_sampler!r}")
+    if script_args.rollout_sampler == "sequential":
+        return None
+    return DiffusionSettings(inner_steps=script_args.rollout_diffusion_inner_steps,
+                             max_wavefront=script_args.rollout_diffusion_max_wavefront)
 
 
 def main(script_args: ScriptArguments, training_args: GRPOConfig, model_args: ModelConfig,

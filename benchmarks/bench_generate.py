@@ -217,8 +217,8 @@ def exit_line(model, settings: Settings) -> str:
     fixed = HuginnEngine(model, num_prompts, settings.prompt_len + new).generate(prompts.tolist(), **kwargs)
     adaptive = HuginnEngine(model, num_prompts, settings.prompt_len + new, exit_threshold=DEFAULT_EXIT_THRESHOLD
                             ).generate(prompts.tolist(), **kwargs)
-    prefix = sum(next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x))
-                 for x, y in zip(adaptive.tokens, fixed.tokens))
+    prefix = sum(next((i for i, (a, b) in enumerate(zip(x, y, strict=False)) if a != b), len(x))  # lengths may differ
+                 for x, y in zip(adaptive.tokens, fixed.tokens, strict=True))
     return (f"Adaptive exit (KL < {DEFAULT_EXIT_THRESHOLD:g}, k=1), {steps} steps, {num_prompts} prompts x {new} "
             f"tokens, random weights: mean {adaptive.mean_steps:.1f} steps per decoded token; "
             f"{prefix / (num_prompts * new):.0%} of tokens before the first difference from fixed depth.")

@@ -9,7 +9,9 @@ Parts, in order (`--parts` picks some; `load` always runs, it writes the checkpo
           training.load_model: seconds of each, NF4 weights resident (GiB);
   decode  generation.HuginnEngine at 32 steps, prompts of 256 random tokens: decode tok/s, prefill s and peak GiB at
           batch 1 / 16 / 64, bf16 and NF4 weights, with and without CUDA graphs; and whether its greedy tokens equal
-          the simple path's (model.generate) for 64 tokens at batch 4;
+          the simple path's (model.generate) for 64 tokens at batch 4; and diffusion forcing (DiffusionSettings,
+          1 inner step per 8 steps of depth: 4 at 32) at batch 1 / 16, bf16, CUDA graphs: decode tok/s and
+          sequential block passes per token;
   sft     train_sft.main with configs/sft_huginn_24gb.yaml (NF4 + LoRA), sequences of 1024 tokens, batch 1,
           24 + 8 recurrent steps, each step checkpointed: seconds and tok/s per step (the first step, a warm-up,
           left out), peak GiB;
@@ -42,7 +44,9 @@ add pyarrow (55 MB), pandas (12 MB) or xxhash only where the image lacks them, p
 
 then copy the repository with .whl/ there and run, with OUT the folder to bring back (480 s budget in all):
 
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 timeout 480 python3 benchmarks/gpu_check.py --output_dir "$OUT"
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && \
+        PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
+        timeout 480 python3 benchmarks/gpu_check.py --output_dir "$OUT"
 
 Bring back $OUT/gpu_check.jsonl and $OUT/gpu_check.md, and append gpu_check.md to benchmarks/results_gpu.md here.
 """
@@ -63,6 +67,7 @@ import traceback
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -81,7 +86,7 @@ import train_grpo  # noqa: E402
 import train_sft  # noqa: E402
 import training  # noqa: E402
 from benchmarks.bench_generate import NEVER, full_size_model, peak_gib, reset_peak, synchronize  # noqa: E402
-from generation import HuginnEngine  # noqa: E402
+from generation import DiffusionSettings, HuginnEngine  # noqa: E402
 from modeling_huginn_qlora import END_TURN, HuginnConfig, HuginnForCausalLM  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results_gpu.md"
@@ -244,7 +249,8 @@ def load_checkpoint(ctx: Context, nf4: bool):
     if nf4:
         model_args = ModelConfig(model_name_or_path=str(ctx.checkpoint), dtype=dtype_name(ctx.dtype),
                                  load_in_4bit=True)
-        return training.load_model(model_args, SimpleNamespace(device=ctx.device)).eval()  # it reads .device only
+        training_args = SimpleNamespace(device=ctx.device, use_cpu=ctx.device.type == "cpu", bf16=False)
+        return training.load_model(model_args, training_args).eval()  # it reads only these
     return HuginnForCausalLM.from_pretrained(ctx.checkpoint, dtype=ctx.dtype, device_map=ctx.device).eval()
 
 
@@ -288,10 +294,11 @@ def load_part(ctx: Context, record: dict) -> None:
                                       if hasattr(m, "weight"))
 
 
-def engine_decode(model, prompts: torch.Tensor, num_steps: int, new_tokens: int, cuda_graphs: bool | None):
+def engine_decode(model, prompts: torch.Tensor, num_steps: int, new_tokens: int, cuda_graphs: bool | None,
+                  diffusion: DiffusionSettings | None = None):
     """Greedy engine decode without end tokens; the result and the CUDA-graph recordings that fell back to eager."""
     engine = HuginnEngine(model, max_batch_size=prompts.shape[0], max_length=prompts.shape[1] + new_tokens,
-                          cuda_graphs=cuda_graphs)
+                          cuda_graphs=cuda_graphs, diffusion=diffusion)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = engine.generate(prompts.tolist(), num_steps=num_steps, max_new_tokens=new_tokens,
@@ -309,13 +316,34 @@ def decode_speed(ctx: Context, model, weights: str, prompts: torch.Tensor) -> li
         for batch in sizes.decode_batches:
             row = {"weights": weights, "dtype": dtype_name(ctx.dtype), "batch": batch, "cuda_graphs": cuda_graphs}
             try:
-                (result, fallbacks), _, peak = measure(lambda: engine_decode(
+                (result, fallbacks), _, peak = measure(lambda batch=batch, cuda_graphs=cuda_graphs: engine_decode(
                     model, prompts[:batch], sizes.num_steps, sizes.decode_new_tokens, cuda_graphs), ctx.device)
                 row.update(tok_s=result.decode_tokens / result.decode_seconds, prefill_s=result.prefill_seconds,
                            peak_gib=peak, graph_fallbacks=fallbacks)
             except torch.OutOfMemoryError:
                 row["error"] = "OOM"
             rows.append(row)
+    return rows
+
+
+def diffusion_speed(ctx: Context, model, prompts: torch.Tensor) -> list[dict]:
+    """Diffusion forcing at the paper's ratio of inner steps to depth (4 of 32), CUDA graphs where available, at the
+    first two decode batch sizes: one row each. Random weights rarely settle, so positions mostly freeze at their
+    step budget (the slowest case of the sampler)."""
+    sizes, rows = ctx.sizes, []
+    settings = DiffusionSettings(inner_steps=max(1, sizes.num_steps // 8))
+    for batch in sizes.decode_batches[:2]:
+        row = {"dtype": dtype_name(ctx.dtype), "batch": batch, "inner_steps": settings.inner_steps,
+               "max_wavefront": settings.max_wavefront}
+        try:
+            decode = partial(engine_decode, model, prompts[:batch], sizes.num_steps, sizes.decode_new_tokens, None,
+                             settings)
+            (result, fallbacks), _, peak = measure(decode, ctx.device)
+            row.update(tok_s=result.decode_tokens / result.decode_seconds, prefill_s=result.prefill_seconds,
+                       peak_gib=peak, graph_fallbacks=fallbacks, block_passes_per_token=result.block_passes_per_token)
+        except torch.OutOfMemoryError:
+            row["error"] = "OOM"
+        rows.append(row)
     return rows
 
 
@@ -343,6 +371,8 @@ def decode_part(ctx: Context, record: dict) -> None:
         model = load_checkpoint(ctx, nf4=weights == "nf4")
         record["rows"] += decode_speed(ctx, model, weights, prompts)
         record["greedy"][weights] = greedy_parity(ctx, model, prompts)
+        if weights == "dense":
+            record["diffusion"] = diffusion_speed(ctx, model, prompts)
         del model
         reset_peak(ctx.device)
 
@@ -381,6 +411,7 @@ def grpo_part(ctx: Context, record: dict) -> None:
         "--gradient_accumulation_steps", str(completions // sizes.grpo_micro_batch),  # one round = one step
         "--max_completion_length", str(sizes.grpo_completion_len), "--rollout_num_steps", str(sizes.num_steps),
         "--backprop_steps", str(sizes.grpo_backprop_steps), "--log_completions", "false",
+        "--mask_truncated_completions", "false",  # random weights never finish: masked, the loss would be 0
         *trainer_flags(ctx, ctx.work_dir / "grpo")])
     trainer, record["wall_main_s"], record["peak_gib"] = measure(lambda: train_grpo.main(*args), ctx.device)
     logs = trainer.state.log_history
@@ -457,6 +488,13 @@ def decode_lines(records: dict, sizes: Sizes) -> list[str]:
         lines.append(f"| {row['dtype'] if row['weights'] == 'dense' else 'NF4'} | {row['batch']} | "
                      f"{'yes' if row['cuda_graphs'] else 'no'} | {row.get('error') or fmt(row.get('tok_s'), 1)} | "
                      f"{fmt(row.get('prefill_s'), 3)} | {fmt(row.get('peak_gib'))} | {fmt(reference, 1)} |")
+    if decode.get("diffusion"):
+        lines += ["", "| diffusion forcing (CUDA graphs on GPU) | batch | inner steps | decode tok/s | "
+                  "block passes per token | prefill s | peak GiB |", "|---|---|---|---|---|---|---|"]
+    for row in decode.get("diffusion", []):
+        lines.append(f"| {row['dtype']} | {row['batch']} | {row['inner_steps']} | "
+                     f"{row.get('error') or fmt(row.get('tok_s'), 1)} | {fmt(row.get('block_passes_per_token'), 1)} | "
+                     f"{fmt(row.get('prefill_s'), 3)} | {fmt(row.get('peak_gib'))} |")
     for weights, parity in decode.get("greedy", {}).items():
         lines.append(f"\nGreedy engine vs simple path, {weights}, batch {sizes.parity_batch} x "
                      f"{sizes.parity_new_tokens} tokens: {parity['rows_equal']:.0%} of rows equal; tokens before the "

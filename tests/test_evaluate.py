@@ -149,7 +149,8 @@ def test_changed_setting_generates_new_samples(tiny_data, tiny_run, tmp_path):
 def save_lora(path: Path, seed: int) -> Path:
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny-huginn"), dtype=torch.float32)
     torch.manual_seed(seed)
-    get_peft_model(model, LoraConfig(r=4, target_modules=["Wqkv", "fc"], init_lora_weights=False)).save_pretrained(path)
+    lora = LoraConfig(r=4, target_modules=["Wqkv", "fc"], init_lora_weights=False)
+    get_peft_model(model, lora).save_pretrained(path)
     return path
 
 
@@ -217,7 +218,8 @@ def test_nf4_decodes_from_a_working_copy_where_its_batch_is_large_enough(tiny_da
                   load_in_4bit=True, benchmarks=[str(tiny_data / "gsm8k_test.jsonl")])
     config, dtype = AutoConfig.from_pretrained(resolve_model_path("tiny-huginn")), torch.float32
     main(tiny_args(tiny_data, tmp_path / "ample", **common))
-    prompt_length = json.loads((tmp_path / "ample" / "results.json").read_text())["memory_plan"]["longest_prompt_tokens"]
+    results = json.loads((tmp_path / "ample" / "results.json").read_text())
+    prompt_length = results["memory_plan"]["longest_prompt_tokens"]
 
     def dense_budget_gb(rows: int) -> float:  # the copy fits `rows` rows, the NF4 weights more
         row_bytes = (kv_cache_bytes(config, rows, prompt_length + 8 + 1, 2, dtype)
@@ -232,7 +234,7 @@ def test_nf4_decodes_from_a_working_copy_where_its_batch_is_large_enough(tiny_da
     assert (plans[2]["by_num_steps"]["2"]["working_copy"], plans[2]["by_num_steps"]["2"]["batch_size"]) == (False, 4)
     assert completions(tmp_path / "dense3") == completions(tmp_path / "dense2") == completions(tmp_path / "ample")
     assert {r["key"] for r in read_lines(tmp_path / "dense3" / "samples.jsonl")}.isdisjoint(
-        r["key"] for r in read_lines(tmp_path / "dense2" / "samples.jsonl"))  # not bit for bit: resumes keep them apart
+        r["key"] for r in read_lines(tmp_path / "dense2" / "samples.jsonl"))  # not bit for bit: kept apart
 
 
 @pytest.mark.parametrize("num_steps, budget_gb, working_copy", [(32, 24, True), (64, 24, True), (16, 24, False),
@@ -256,8 +258,9 @@ def test_sampling_reports_pass_at_k_and_majority_vote(tiny_data, tmp_path):
     def three_of_four(request):
         return f"\\boxed{{{request['answer']}}}" if request["sample"] < 3 else "\\boxed{-1}"
 
-    cells = main(tiny_args(tiny_data, tmp_path, do_sample=True, num_samples=4, num_steps=[8],
-                           benchmarks=[str(tiny_data / "math_test.jsonl")]), backends={"fake": stand_in(three_of_four)})
+    args = tiny_args(tiny_data, tmp_path, do_sample=True, num_samples=4, num_steps=[8],
+                     benchmarks=[str(tiny_data / "math_test.jsonl")])
+    cells = main(args, backends={"fake": stand_in(three_of_four)})
     (cell,) = cells
     assert cell["accuracy"] == cell["pass@1"] == 0.75
     assert cell["pass@2"] == 1.0 and cell["pass@4"] == 1.0 and cell["maj@4"] == 1.0
@@ -501,3 +504,47 @@ def test_oracle_gold_solutions_score_at_least_99_percent(oracle_cells, label, si
 @pytest.mark.parametrize("label", ["gsm8k", "math500"])
 def test_shuffled_solutions_score_at_most_half_a_percent(oracle_cells, label):
     assert oracle_cells["shuffled", label]["accuracy"] <= 0.005
+
+
+# A completion in the Minerva form (a: the gold) -> (exact match, equivalent), as lm-eval scores it.
+MINERVA_FORMS = {
+    "So $\\boxed{{{a}}}$.\nFinal Answer: The final answer is ${a}$. I hope it is correct.": (True, True),
+    "Final Answer: The final answer is ${a}$ units. I hope it is correct.": (True, True),  # units, which it drops
+    "Final Answer: The final answer is $\\dfrac{{{a}}}{{1}}$. I hope it is correct.": (False, True),  # unnormalised
+    "Final Answer: The final answer is ${a}1$. I hope it is correct.": (False, False),  # wrong
+    "So $\\boxed{{{a}}}$.\nFinal Answer: The final answer is": (False, False),  # truncated before the answer
+}
+
+
+def test_minerva_math_format_is_lm_evals_and_reports_exact_match_and_equivalence(tiny_data, tmp_path):
+    """Hand-written completions in the Minerva form score as lm-eval's minerva_math scores them; its stop sequence
+    'Problem:' cuts the next problem a model makes up (else that problem's box would fail the strict score)."""
+    prompts, forms = [], list(MINERVA_FORMS)
+
+    def answers(request):
+        prompts.append(request["prompt"])
+        form = forms[int(request["id"]) % len(forms)]
+        return form.format(a=request["answer"]) + "\n\nProblem:\nWhat is 1+1?\n\nSolution:\n$\\boxed{99999}$"
+
+    (cell,) = main(tiny_args(tiny_data, tmp_path, prompt_format="minerva_math", num_fewshot=4, num_steps=[32],
+                             system_prompt="", limit=None, benchmarks=[str(tiny_data / "math_test.jsonl")]),
+                   backends={"fake": stand_in(answers)})
+    records = read_lines(tmp_path / "samples.jsonl")
+    expected = [MINERVA_FORMS[forms[int(r["id"]) % len(forms)]] for r in records]
+    assert len(records) == 64 and {int(r["id"]) % len(forms) for r in records} == set(range(len(forms)))
+    assert [(r["minerva_exact_match"], r["minerva_equivalent"]) for r in records] == expected
+    assert cell["minerva_exact_match"] == sum(exact for exact, _ in expected) / len(records)
+    assert cell["minerva_equivalent"] == sum(equivalent for _, equivalent in expected) / len(records)
+    assert all(r["correct"] for r in records if r["completion"].startswith("So $\\boxed"))
+    assert all("99999" not in r["completion"] for r in records) and "lm_eval_strict" not in cell
+    assert prompts[0].startswith("<|begin_text|><|begin_header|>user<|end_header|>\n\nProblem:\nFind the domain")
+    assert prompts[0].count("Problem:\n") == 5 and prompts[0].endswith(
+        "\n\nSolution:<|end_turn|><|begin_header|>Huginn<|end_header|>\n\n")
+    assert "Terrell usually lifts" in prompts[0] and "I hope it is correct.<|end_turn|>" in prompts[0]
+
+
+def test_flexible_score_counts_answers_given_without_a_box(tiny_data, tmp_path):
+    """A model that answers 'so it is $N$.' scores 0 under the strict extraction and 1 under the flexible one."""
+    (cell,) = main(tiny_args(tiny_data, tmp_path, num_steps=[4], benchmarks=[str(tiny_data / "math_test.jsonl")]),
+                   backends={"fake": stand_in(lambda request: f"Adding up, it is ${request['answer']}$.")})
+    assert cell["accuracy"] == 0.0 and cell["correct_flexible"] == 1.0

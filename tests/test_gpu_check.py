@@ -49,6 +49,11 @@ def test_dry_run_records_every_part_with_its_figures(tmp_path):
         (weights, graphs, batch) for weights in ("dense", "nf4") for graphs in (True, False)
         for batch in sizes.decode_batches]
     assert all(r["tok_s"] > 0 and r["prefill_s"] > 0 and r["graph_fallbacks"] == 0 for r in rows)
+    diffusion = records["decode"]["diffusion"]  # 1 inner step per wave at 4 steps of depth
+    assert [r["batch"] for r in diffusion] == list(sizes.decode_batches[:2])
+    sequential_passes = 2 + 4 * sizes.num_steps + 2  # prelude, core blocks per step, coda
+    assert all(r["tok_s"] > 0 and r["graph_fallbacks"] == 0 for r in diffusion)
+    assert all(r["block_passes_per_token"] < sequential_passes for r in diffusion)  # 3 tokens: mostly warm-up
     for parity in records["decode"]["greedy"].values():  # fp32 on CPU: the engine equals the simple path exactly
         assert parity["rows_equal"] == 1.0
         assert parity["tokens_before_first_difference"] == [sizes.parity_new_tokens] * sizes.parity_batch
@@ -61,6 +66,7 @@ def test_dry_run_records_every_part_with_its_figures(tmp_path):
     assert isinstance(records["eval"]["memory_plan"], dict)
     section = (tmp_path / "gpu_check.md").read_text()
     assert section.startswith("## dry run") and "not judged (dry run)" in section
+    assert "| diffusion forcing (CUDA graphs on GPU) |" in section
     assert all(f"| {name} | yes |" in section for name in gpu_check.PARTS)
     assert gpu_check.RESULTS.read_text() == results_before  # a dry run never appends to the results file
 

@@ -2,11 +2,13 @@
 fidelity at full size (fp32 LoRA weights under NF4, no dropout, stop tokens), reward fail-safety, prompt screening,
 exact resume."""
 
+import itertools
 import json
 import shutil
 
 import pytest
 import torch
+from datasets import IterableDataset
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -45,7 +47,8 @@ def generation_round(trainer, num_prompts: int = 4) -> dict:
 
 def test_exact_rollouts_from_a_dropout_adapter_have_sampler_weights_1(tmp_path, sft_adapter):
     """Rollouts in exact mode sample the very policy the loss scores: TRL's sampler-mismatch weights
-    exp(logp_trained - logp_sampler) are 1, even from an SFT adapter saved with LoRA dropout 0.05 (GRPO turns it off)."""
+    exp(logp_trained - logp_sampler) are 1, even from an SFT adapter saved with LoRA dropout 0.05 (GRPO turns it
+    off)."""
     trainer = train_grpo.build_trainer(*grpo_args(tmp_path, "--sft_adapter", sft_adapter, "--rollout_num_steps", "6",
                                        "--vllm_importance_sampling_correction", "true"))
     output = generation_round(trainer)
@@ -189,11 +192,12 @@ def test_packed_prompt_groups_score_as_unpacked_rows(tmp_path):
 
     mask = completion_mask.bool()
     logps, entropy, grads = scored(train_grpo.HuginnGRPOTrainer._get_per_token_logps_and_entropies)
-    reference_logps, reference_entropy, reference_grads = scored(train_grpo.GRPOTrainer._get_per_token_logps_and_entropies)
+    trl_rows = train_grpo.GRPOTrainer._get_per_token_logps_and_entropies
+    reference_logps, reference_entropy, reference_grads = scored(trl_rows)
     assert (logps - reference_logps)[mask].abs().max() <= 1e-5
     assert (entropy - reference_entropy)[mask].abs().max() <= 1e-5
     assert (logps[~mask] == 0).all()
-    assert all(torch.allclose(g, r, rtol=1e-4, atol=1e-6) for g, r in zip(grads, reference_grads))
+    assert all(torch.allclose(g, r, rtol=1e-4, atol=1e-6) for g, r in zip(grads, reference_grads, strict=True))
     assert max(g.abs().max() for g in grads) > 0
 
 
@@ -234,7 +238,7 @@ def test_failing_reward_scores_zero_and_is_counted():
 
 def test_prompt_rows_with_unparsable_gold_are_skipped(tmp_path):
     rows = [{"problem": "What is 2 + 3?", "solution": "$\\boxed{5}$", "answer": "5"},
-            {"problem": "What is 1 + 1?", "solution": "$\\boxed{2}$", "answer": "}{"},  # a gold the grader cannot parse
+            {"problem": "What is 1 + 1?", "solution": "$\\boxed{2}$", "answer": "}{"},  # a gold it cannot parse
             {"problem": "What is 4 + 4?", "solution": "", "answer": "8"}]  # malformed: empty solution
     source = tmp_path / "prompts.jsonl"
     source.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -261,3 +265,49 @@ def test_resume_continues_with_the_same_prompts_and_steps(tmp_path):
     expected = [entry[k] for entry in logged_steps(straight)[2:] for k in keys]
     assert [entry[k] for entry in logged_steps(resumed)[-2:] for k in keys] == pytest.approx(expected, abs=1e-6)
     assert len({entry["entropy"] for entry in logged_steps(straight)}) == 4  # steps differ: the check can fail
+
+
+def test_without_max_samples_the_prompts_read_are_the_prompts_the_run_draws(tmp_path):
+    script_args, training_args, model_args = grpo_args(tmp_path, "--max_steps", "3", "--gradient_accumulation_steps",
+                                                       "2", "--num_iterations", "2")
+    script_args.max_samples = None
+    # 16 completions per round (8 per micro-batch x 2) = 4 prompts x 4; a round per 2 x 2 micro-batches: 6 of them
+    # take 2 rounds, 8 prompts
+    assert train_grpo.prompts_per_run(training_args) == 8
+    trainer = train_grpo.build_trainer(script_args, training_args, model_args)
+    assert len(trainer.train_dataset) == 8
+    micro_batches = training_args.max_steps * training_args.gradient_accumulation_steps
+    per_micro_batch = training_args.per_device_train_batch_size * training_args.steps_per_generation  # TRL's loader
+    drawn = list(itertools.islice(trainer._get_train_sampler(), micro_batches * per_micro_batch))
+    assert len(drawn) == micro_batches * per_micro_batch  # one pass over the prompts lasts the run: none missing...
+    assert set(drawn) == set(range(8))  # ...and none is read but never drawn
+
+
+def test_hub_prompts_stream_in_a_seeded_shuffle_and_are_read_only_as_far_as_used(tmp_path, monkeypatch):
+    generated = []
+
+    def gsm8k_rows():
+        for i in range(1000):
+            generated.append(i)
+            answer = f"{i} + 0 = {i}\n#### {i}" if i % 10 else "no answer line"  # every 10th row is malformed
+            yield {"question": f"What is {i} + 0?", "answer": answer}
+
+    def hub(path, name=None, split=None, streaming=False):
+        assert (path, split, streaming) == ("openai/gsm8k", "train", True)  # never downloaded whole
+        return IterableDataset.from_generator(gsm8k_rows)
+
+    monkeypatch.setattr(data, "load_dataset", hub)
+    monkeypatch.setattr(data, "SHUFFLE_BUFFER_SIZE", 16)
+    script_args, _, _ = grpo_args(tmp_path, "--dataset_name", "openai/gsm8k")
+    script_args.max_samples = None
+
+    def answers(seed: int) -> list[str]:
+        generated.clear()
+        return train_grpo.build_prompt_dataset(script_args, num_prompts=50, seed=seed)["answer"]
+
+    first = answers(0)
+    assert len(first) == 50 and all(int(answer) % 10 for answer in first)  # the malformed rows are skipped
+    # read: the 50 used, the malformed rows met (<= 1 in 10 rows generated, + 1) and at most the shuffle buffer
+    assert len(generated) <= (50 + 1 + 16) / 0.9
+    assert first != [str(i) for i in range(1000) if i % 10][:50]  # shuffled...
+    assert answers(0) == first and answers(1) != first  # ...by the seed
