@@ -251,7 +251,8 @@ def tokenize_sft_row(row: dict, tokenizer, system_prompt: str | None = SYSTEM_PR
     `{% generation %}`."""
     encoded = tokenizer.apply_chat_template(sft_messages(row, system_prompt), tokenize=True, return_dict=True,
                                             return_assistant_tokens_mask=True)
-    labels = [token if in_answer else -100 for token, in_answer in zip(encoded["input_ids"], encoded["assistant_masks"])]
+    pairs = zip(encoded["input_ids"], encoded["assistant_masks"], strict=True)
+    labels = [token if in_answer else -100 for token, in_answer in pairs]
     return {"input_ids": encoded["input_ids"], "labels": labels}
 
 

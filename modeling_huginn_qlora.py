@@ -39,7 +39,6 @@ from transformers.generation.logits_process import (
 )
 from transformers.utils import ModelOutput
 
-
 # Huginn's special tokens, ids 65504..65509 of the published vocabulary in this order (the tiny default's tokenizer
 # puts them after its byte and word tokens).
 BOS, EOS, BEGIN_HEADER, END_HEADER, END_TURN, PAD = (
@@ -112,11 +111,13 @@ class HuginnConfig(PreTrainedConfig):
 
     def validate_architecture(self):
         if self.n_embd % self.num_attention_heads:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by num_attention_heads={self.num_attention_heads}")
+            raise ValueError(
+                f"n_embd={self.n_embd} is not divisible by num_attention_heads={self.num_attention_heads}")
         if self.head_dim * self.num_attention_heads != self.n_embd:
             raise ValueError(f"head_dim={self.head_dim} x {self.num_attention_heads} heads != n_embd={self.n_embd}")
         if self.num_key_value_heads != self.num_attention_heads:
-            raise ValueError("Huginn has no grouped-query attention: num_key_value_heads must equal num_attention_heads")
+            raise ValueError(
+                "Huginn has no grouped-query attention: num_key_value_heads must equal num_attention_heads")
 
 
 def nf4_quantization_config(compute_dtype: torch.dtype = torch.bfloat16) -> BitsAndBytesConfig:
@@ -157,8 +158,8 @@ class HuginnRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()  # statistics in fp32, weight applied after casting back (as the checkpoint was trained)
-        # the gain in x's dtype too: a trained fp32 gain (ln_f kept fp32 for the optimizer) must not turn a bf16 forward
-        # into fp32 from here on
+        # the gain in x's dtype too: a trained fp32 gain (ln_f kept fp32 for the optimizer) must not turn a bf16
+        # forward into fp32 from here on
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight.type_as(x)
 
 
@@ -581,7 +582,8 @@ def build_attention_mask(attention_mask, past: int, seq: int, device) -> torch.T
         return None if past == 0 else torch.ones(1, 1, seq, past + seq, dtype=torch.bool, device=device)
     if attention_mask.dim() == 4:  # already the matrix
         if tuple(attention_mask.shape[-2:]) != (seq, past + seq):
-            raise ValueError(f"4D attention_mask {tuple(attention_mask.shape)}: expected (batch, 1, {seq}, {past + seq})")
+            raise ValueError(
+                f"4D attention_mask {tuple(attention_mask.shape)}: expected (batch, 1, {seq}, {past + seq})")
         return attention_mask.bool()
     keys_valid = attention_mask.bool()  # (batch, past + seq)
     if past == 0 and not (keys_valid[:, 1:] & ~keys_valid[:, :-1]).any():  # no real token after a pad: right padding
@@ -733,7 +735,7 @@ class HuginnForCausalLM(HuginnPreTrainedModel, GenerationMixin):
             else:
                 token = logits.argmax(-1)
             new_tokens[rows, position] = token
-            if scored:  # at the sampling temperature, as TRL scores tokens in the loss (top-k/top-p left out, as there)
+            if scored:  # at the sampling temperature, as TRL scores tokens in the loss (top-k/top-p left out there)
                 logprobs[rows, position] = (logits / temperature).log_softmax(-1).gather(1, token[:, None]).squeeze(1)
             running = ~torch.isin(token, eos_ids)
             if not bool(running.any()) or position + 1 == config.max_new_tokens:

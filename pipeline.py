@@ -8,7 +8,8 @@ Stages, each writing one subfolder of output_dir:
 
     data/    tiny.py's datasets: sums of 2-4 single-digit numbers in OpenMathInstruct-2 (SFT), GSM8K (GRPO prompts,
              eval) and MATH (eval) schemas
-    base/    the tiny default model and tokenizer, pretrained full-parameter on plain text ("What is 3+4+5?\\n3+4+5=12")
+    base/    the tiny default model and tokenizer, pretrained full-parameter on plain text
+             ("What is 3+4+5?\\n3+4+5=12")
              with the model's own random depth: a base that can add but has never seen the chat format
     sft/     train_sft.py: LoRA (and the input embeddings) on base/, chat format, "3+4+5=12. \\boxed{12}"
     grpo/    train_grpo.py from the SFT adapter, correctness + format rewards
@@ -276,9 +277,9 @@ def plot_training_curves(output_dir: Path, path: Path) -> None:
     panels = [("pretraining (full parameters)", "loss", pretraining), ("SFT (LoRA)", "loss", sft),
               ("GRPO (LoRA, from SFT)", "reward", grpo)]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, (title, key, history) in zip(axes, panels):
+    for ax, (title, key, history) in zip(axes, panels, strict=True):
         points = [(entry["step"], entry[key]) for entry in history if key in entry]
-        ax.plot(*zip(*points), marker="." if len(points) < 50 else None)
+        ax.plot(*zip(*points, strict=True), marker="." if len(points) < 50 else None)
         ax.set(title=title, xlabel="step", ylabel=key)
         ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -10,8 +10,9 @@ cannot change) and a KL to the SFT policy to keep greedy answers (docs/tiny_stud
         --dataset gsm8k --split train --limit 300 --num_steps 32 --output_dir outputs/sampling-gap  # one GPU
 
 It runs evaluate.py on a seeded subset of a train split: greedy, then `num_samples` samples per problem at each of
-`temperatures` (top_p 1 and one shared KV slot, as GRPO's rollouts), all at the rollout depth, and prints each temperature's sampled
-accuracy as a fraction of the greedy accuracy with the setting it recommends (also in gap.json).
+`temperatures` (top_p 1 and one shared KV slot, as GRPO's rollouts), all at the rollout depth, and prints each
+temperature's sampled accuracy as a fraction of the greedy accuracy with the setting it recommends (also in
+gap.json).
 """
 
 import argparse

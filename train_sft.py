@@ -1,4 +1,4 @@
-"""QLoRA supervised fine-tuning of huginn-0125 on math solutions (OpenMathInstruct-2 by default), with TRL's SFTTrainer.
+"""QLoRA supervised fine-tuning of huginn-0125 on math solutions (OpenMathInstruct-2 by default), TRL's SFTTrainer.
 
 Tiny CPU run (offline, the embedded tiny default and generated tiny data, about a minute on 2 cores):
 
@@ -37,8 +37,8 @@ from training import (
     load_model,
     lora_config,
     parse_args,
-    train_and_save,
     setup_logging,
+    train_and_save,
 )
 
 logger = logging.getLogger(__name__)
@@ -64,8 +64,9 @@ class ScriptArguments(SafetyArguments):
     system_prompt: str = field(
         default=data.SYSTEM_PROMPT, metadata={"help": "system turn of every example ('' for none); match evaluate.py"})
     num_steps: list[int] | None = field(
-        default=None, metadata={"help": "fixed recurrence [no_grad, with_grad] steps; unset: the model samples the "
-                                        "depth as in pretraining (mean_recurrence, last mean_backprop_depth with grad)"})
+        default=None, metadata={"help": "fixed recurrence [no_grad, with_grad] steps; unset: the model samples "
+                                        "the depth as in pretraining (mean_recurrence, last mean_backprop_depth "
+                                        "with grad)"})
 
 
 class HuginnSFTTrainer(SafeTrainerMixin, SFTTrainer):

@@ -56,10 +56,13 @@ def parse_args(script_args_class: type, training_args_class: type, args: list[st
 
 
 def setup_logging(training_args) -> None:
-    """INFO on the main process, warnings only elsewhere (training_args.log_level / log_level_replica)."""
+    """The libraries at training_args.log_level / log_level_replica; ours (the resolved config, data counts) at INFO
+    on the main process unless log_level says otherwise: its default, "passive", would hide them."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
     level = training_args.get_process_log_level()
-    for name in (None, "transformers", "datasets", "trl"):
+    ours = logging.INFO if training_args.log_level == "passive" and training_args.should_log else level
+    logging.getLogger().setLevel(ours)
+    for name in ("transformers", "datasets", "trl"):
         logging.getLogger(name).setLevel(level)
     transformers.utils.logging.set_verbosity(level)
     datasets.utils.logging.set_verbosity(level)

@@ -60,7 +60,7 @@ def test_greedy_equals_simple_path_exact_and_shared_slots(model):
     for slots, simple_slots in ((4, None), (1, 1)):  # 4 slots at 4 steps: exact; 1: one slot shared by all steps
         engine = HuginnEngine(model, max_batch_size=3, max_length=24, kv_cache_slots=slots)
         result = engine.generate(prompts, num_steps=4, max_new_tokens=10, eos_token_ids=[NEVER], state_seeds=seeds)
-        for prompt, seed, tokens in zip(prompts, seeds, result.tokens):
+        for prompt, seed, tokens in zip(prompts, seeds, result.tokens, strict=True):
             assert tokens == simple_greedy(model, prompt, seed, 4, 10, [NEVER], simple_slots)
         assert all(steps == [4] * 10 for steps in result.steps_used)
         outputs[slots] = result.tokens
@@ -75,10 +75,11 @@ def test_continuous_batching_equals_each_prompt_alone(model):
     eos = free.tokens[3][4]  # ends prompt 3 at its fifth token at the latest
     result = HuginnEngine(model, 3, 24).generate(prompts, num_steps=4, max_new_tokens=BUDGETS, eos_token_ids=[eos],
                                                  state_seeds=seeds)
-    for prompt, seed, budget, tokens in zip(prompts, seeds, BUDGETS, result.tokens):
+    for prompt, seed, budget, tokens in zip(prompts, seeds, BUDGETS, result.tokens, strict=True):
         assert tokens == simple_greedy(model, prompt, seed, 4, budget, [eos], kv_cache_slots=1)
     assert result.tokens[3][-1] == eos and len(result.tokens[3]) <= 5
-    assert all(len(tokens) == budget or tokens[-1] == eos for tokens, budget in zip(result.tokens, BUDGETS))
+    assert all(len(tokens) == budget or tokens[-1] == eos
+               for tokens, budget in zip(result.tokens, BUDGETS, strict=True))
     assert result.decode_tokens == sum(len(t) - 1 for t in result.tokens)
 
 
@@ -125,7 +126,7 @@ def test_samples_of_one_prompt_share_its_prefill_and_equal_separate_runs(model, 
                                                    **kwargs)
     assert prefilled == [2]  # one prefill of the two distinct prompts
     alone = [HuginnEngine(model, 1, 24).generate([prompt], state_seeds=[3], sampling_seeds=[seed], **kwargs)
-             for prompt, seed in zip(repeated, sampling_seeds)]
+             for prompt, seed in zip(repeated, sampling_seeds, strict=True)]
     assert together.tokens == [result.tokens[0] for result in alone]
     assert len({tuple(tokens) for tokens in together.tokens}) > 2  # the samples differ
 
@@ -154,7 +155,8 @@ def test_fixed_shape_phases_equal_eager(model):
                                                          eos_token_ids=[NEVER], state_seeds=list(range(7)))
                for graphs in (False, True)]
     assert results[0].tokens == results[1].tokens and results[0].steps_used == results[1].steps_used
-    assert max(abs(a - b) for x, y in zip(results[0].logprobs, results[1].logprobs) for a, b in zip(x, y)) < 1e-5
+    assert max(abs(a - b) for x, y in zip(results[0].logprobs, results[1].logprobs, strict=True)
+               for a, b in zip(x, y, strict=True)) < 1e-5
 
 
 # --- adaptive exit ------------------------------------------------------------------------------------------------
@@ -171,7 +173,7 @@ def test_exit_threshold_zero_is_fixed_depth(model):
 
 
 def first_difference(a: list, b: list) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), min(len(a), len(b)))
 
 
 def test_adaptive_exit_saves_steps_and_keeps_rows_independent(model):
@@ -186,11 +188,12 @@ def test_adaptive_exit_saves_steps_and_keeps_rows_independent(model):
     assert 1 < batched.mean_steps < 15
     assert all(row[0] == 16 and all(1 <= s <= 16 for s in row) for row in batched.steps_used)
     same = [min(first_difference(a, b), first_difference(steps_a, steps_b))  # tokens before a flip
-            for a, b, steps_a, steps_b in zip(batched.tokens, alone.tokens, batched.steps_used, alone.steps_used)]
-    for n, a, b in zip(same, batched.logprobs, alone.logprobs):
-        assert all(abs(x - y) < 1e-4 for x, y in zip(a[:n], b[:n]))  # a corrupted cache shifts them at once
+            for a, b, steps_a, steps_b in zip(batched.tokens, alone.tokens, batched.steps_used, alone.steps_used,
+                                              strict=True)]
+    for n, a, b in zip(same, batched.logprobs, alone.logprobs, strict=True):
+        assert all(abs(x - y) < 1e-4 for x, y in zip(a[:n], b[:n], strict=True))  # a bad cache shifts them at once
     assert sum(same) >= 0.8 * sum(len(t) for t in batched.tokens)
-    agreement = sum(first_difference(a, b) for a, b in zip(batched.tokens, fixed.tokens)) / sum(
+    agreement = sum(first_difference(a, b) for a, b in zip(batched.tokens, fixed.tokens, strict=True)) / sum(
         len(t) for t in fixed.tokens)
     print(f"random tiny model, 16 steps, threshold {DEFAULT_EXIT_THRESHOLD}: mean steps {batched.mean_steps:.2f}, "
           f"{agreement:.0%} of tokens before the first difference from fixed depth")
@@ -267,7 +270,8 @@ def test_generation_copy_of_nf4_lora_model_matches_it(nf4_lora_model):
 
 def test_generation_copy_runs_trained_module_copies(tiny_dir):
     """An adapter that trains whole modules (the tiny SFT trains the embeddings, GRPO the final norm): the copy
-    computes with PEFT's trained copies, and keeps the LM head on the untrained embedding it is tied to in the model."""
+    computes with PEFT's trained copies, and keeps the LM head on the untrained embedding it is tied to in the
+    model."""
     from peft import LoraConfig, get_peft_model
 
     base = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
@@ -312,7 +316,8 @@ def test_bench_smoke_prints_table_with_equal_tokens(capsys):
     rows = [line for line in table.splitlines() if line.startswith("| ") and "batch" not in line]
     assert [row.split(" | ")[:2] for row in rows] == [
         ["| float32", "1"], ["| float32", "4"], ["| float32", "1, prompt 32"],
-        ["| NF4 (float32 compute)", "1"], ["| NF4 (float32 compute)", "4"], ["| NF4 (float32 compute)", "1, prompt 32"]]
+        ["| NF4 (float32 compute)", "1"], ["| NF4 (float32 compute)", "4"],
+        ["| NF4 (float32 compute)", "1, prompt 32"]]
     assert all(row.rstrip(" |").endswith("100%") for row in rows if "prompt" not in row)  # same greedy tokens
     assert "Adaptive exit" in table and table in capsys.readouterr().out
 

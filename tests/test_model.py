@@ -64,7 +64,8 @@ def test_state_dict_keys_match_reference():
 def test_published_config_reads_and_sizes_match():
     config = AutoConfig.for_model(**json.loads((REFERENCE / "huginn-0125-config.json").read_text()))
     assert isinstance(config, HuginnConfig)
-    assert (config.n_embd, config.num_attention_heads, config.head_dim, config.padded_vocab_size) == (5280, 55, 96, 65536)
+    widths = (config.n_embd, config.num_attention_heads, config.head_dim, config.padded_vocab_size)
+    assert widths == (5280, 55, 96, 65536)
     with torch.device("meta"):
         model = HuginnForCausalLM(config)
     num_params = sum(p.numel() for p in model.parameters())  # tied head counted once
@@ -178,7 +179,8 @@ def test_seeded_state_is_a_function_of_seed_and_position():
     b = seeded_truncated_normal(torch.tensor([2]), torch.arange(3, 6)[None], 64)
     assert torch.equal(a[1, 3:], b[0]) and not torch.equal(a[0], a[1])
     big = seeded_truncated_normal(torch.arange(64), torch.arange(64).expand(64, 64), 128)
-    assert big.abs().max() <= 3.0 and abs(big.mean()) < 0.01 and abs(big.std() - 0.9866) < 0.01  # std of N(0,1) cut at 3
+    assert big.abs().max() <= 3.0 and abs(big.mean()) < 0.01
+    assert abs(big.std() - 0.9866) < 0.01  # the std of N(0, 1) cut at 3
 
 
 def test_random_state_follows_published_scale(model):
@@ -221,7 +223,7 @@ def test_checkpointing_keeps_activation_memory_flat_and_gradients_equal(tiny_dir
     plain_grads, plain_growth = loss_and_grads((2, 3)), grown((0, 2), (0, 8))
     model.gradient_checkpointing_enable()
     ckpt_grads, ckpt_growth = loss_and_grads((2, 3)), grown((0, 2), (0, 8))
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain_grads, ckpt_grads))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain_grads, ckpt_grads, strict=True))
     assert all(g.abs().sum() > 0 and torch.isfinite(g).all() for g in ckpt_grads)
     assert ckpt_growth < 0.1 * plain_growth  # six more grad steps cost only their inputs
 

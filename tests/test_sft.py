@@ -19,8 +19,8 @@ from trl import SFTConfig
 
 import data
 import tiny
-from train_sft import HuginnSFTTrainer, ScriptArguments, main
 from data import load_tokenizer
+from train_sft import HuginnSFTTrainer, ScriptArguments, main
 from training import STAGING_DIR, huginn_backbone, load_model, lora_config, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
