@@ -22,7 +22,7 @@ no system prompt, 256 new tokens, completions cut at "Problem:"; its exact match
         --prompt_format minerva_math --num_fewshot 4 --system_prompt "" --max_new_tokens 256 \\
         --output_dir outputs/eval-paper-math
 
-Compare checkpoints in one table and plot:   --adapters base sft=outputs/sft grpo=outputs/grpo
+Compare checkpoints in one table and plot:   --adapters base sft=outputs/sft-huginn-80gb grpo=outputs/grpo-huginn-80gb
 Sampling, pass@k and maj@k:                  --do_sample --num_samples 8 --temperature 0.7 --top_p 0.95
 Diffusion forcing, a parallel sampler:       --sampler diffusion --diffusion_inner_steps 4 (all knobs: --diffusion_*)
 Local files in the hub schema:               --benchmarks data/my_gsm8k.jsonl (label: the file stem)
@@ -663,6 +663,15 @@ def diffusion_settings(args: EvalArguments) -> DiffusionSettings | None:
                              args.diffusion_freeze, args.diffusion_freeze_threshold, args.diffusion_new_position_state)
 
 
+def check_adapters(checkpoints: dict[str, str | None]) -> None:
+    """Every adapter directory exists and holds an adapter, before any model loads: a wrong path must not surface
+    only after the base model's whole sweep has run."""
+    for label, adapter in checkpoints.items():
+        if adapter not in (None, "base") and not (Path(adapter) / "adapter_config.json").is_file():
+            found = "no such directory" if not Path(adapter).is_dir() else "no adapter_config.json in it"
+            raise FileNotFoundError(f"adapter {label}={adapter}: {found} (train it first, or fix the path)")
+
+
 def wanted_samples(args: EvalArguments, problems: dict[str, list[dict]], plans: dict[int, MemoryPlan],
                    base_fingerprint: str, fingerprints: dict[str, str | None]) -> list[SampleRef]:
     """Every sample the run reports: checkpoint x depth x benchmark x problem x sample index."""
@@ -715,6 +724,7 @@ def main(args: EvalArguments, backends: dict[str, Backend] | None = None) -> lis
     checkpoints = dict(map(parse_labelled, args.adapters)) if backends is None else dict.fromkeys(backends)
     if len(benchmarks) < len(args.benchmarks) or (backends is None and len(checkpoints) < len(args.adapters)):
         raise ValueError(f"labels must be unique (name them label=source): {args.benchmarks} {args.adapters}")
+    check_adapters(checkpoints)
     tokenizer = data.load_tokenizer(args.model_name_or_path)
     problems, is_gsm8k = build_problems(args, benchmarks, tokenizer)
     prompt_length = max((len(tokenizer(row["prompt"], add_special_tokens=False).input_ids)

@@ -548,3 +548,14 @@ def test_flexible_score_counts_answers_given_without_a_box(tiny_data, tmp_path):
     (cell,) = main(tiny_args(tiny_data, tmp_path, num_steps=[4], benchmarks=[str(tiny_data / "math_test.jsonl")]),
                    backends={"fake": stand_in(lambda request: f"Adding up, it is ${request['answer']}$.")})
     assert cell["accuracy"] == 0.0 and cell["correct_flexible"] == 1.0
+
+
+def test_a_missing_adapter_is_an_error_before_any_model_loads(tiny_data, tmp_path, monkeypatch):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    loaded = []
+    monkeypatch.setattr(evaluate.data, "load_tokenizer", lambda *args: loaded.append(args))
+    for adapter, found in [(tmp_path / "missing", "no such directory"), (empty, "no adapter_config.json")]:
+        with pytest.raises(FileNotFoundError, match=f"adapter sft={adapter}: {found}"):
+            main(tiny_args(tiny_data, tmp_path / "out", adapters=["base", f"sft={adapter}"]))
+    assert not loaded and not (tmp_path / "out").exists()
