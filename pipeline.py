@@ -1,4 +1,4 @@
-"""One command from nothing to results: the tiny end-to-end pipeline, offline on CPU (about 5 minutes on 2 cores).
+"""One command from nothing to results: the tiny end-to-end pipeline, offline on CPU (about 6 minutes on 2 cores).
 
     python pipeline.py --output_dir outputs/pipeline
     python pipeline.py --output_dir outputs/pipeline-seed1 --seed 1
