@@ -38,6 +38,7 @@ import train_sft  # noqa: E402
 import training  # noqa: E402
 from generation import (  # noqa: E402
     MEMORY_HEADROOM,
+    block_passes,
     kv_cache_bytes,
     model_weight_bytes,
     plan_generation_memory,
@@ -162,9 +163,9 @@ class Costs:
         return self.assumptions["prompt_tokens"][key]
 
 
-def block_passes(config: HuginnConfig, num_steps: float) -> float:
-    """Block passes per token at a depth: prelude, the core block per step, coda, and the head counted as one."""
-    return config.n_layers_in_prelude + config.n_layers_in_coda + config.n_layers_in_recurrent_block * num_steps + 1
+def passes_per_token(config: HuginnConfig, num_steps: float) -> float:
+    """Block passes per token at a depth (the model's forward, generation.block_passes) and the head counted as one."""
+    return block_passes(config, num_steps) + 1
 
 
 def train_figure(costs: Costs, card: str, weights: str, checkpointing: bool, micro_tokens: int) -> Figure:
@@ -176,7 +177,7 @@ def train_figure(costs: Costs, card: str, weights: str, checkpointing: bool, mic
 
 def train_seconds(config: HuginnConfig, figure: Figure, tokens: float, num_steps: float) -> float:
     """Seconds for `tokens` through a training step (or a no-grad forward) at a total depth of num_steps."""
-    depth = block_passes(config, num_steps) / block_passes(config, sum(figure.entry["num_steps"]))
+    depth = passes_per_token(config, num_steps) / passes_per_token(config, sum(figure.entry["num_steps"]))
     return tokens / figure.entry["tok_s"] * depth / figure.scale
 
 
@@ -207,10 +208,10 @@ def decode_step_seconds(costs: Costs, card: str, config: HuginnConfig, weights: 
     layer_token_bytes = 2 * config.num_key_value_heads * config.head_dim * 2  # keys + values, bf16
     extra_context = max(0, length - lower["context"])
     bandwidth = costs.card(lower["card"])["bandwidth_tb_s"] * 1e12
-    per_pass = step_ms / 1e3 / block_passes(config, 32) + batch * extra_context * layer_token_bytes / bandwidth
+    per_pass = step_ms / 1e3 / passes_per_token(config, 32) + batch * extra_context * layer_token_bytes / bandwidth
     shape = f"batch {batch} from batches {lower['batch']}-{upper['batch']}, context {length}"
     figure = Figure(lower, costs.speed(lower, card, "bandwidth_tb_s"), shape)
-    return per_pass * block_passes(config, num_steps) / figure.scale, figure
+    return per_pass * passes_per_token(config, num_steps) / figure.scale, figure
 
 
 # ---------------------------------------------------------------------------------------------------------------
