@@ -512,19 +512,26 @@ class HuginnModel(HuginnPreTrainedModel):
             state = block(state, rope, attn_mask, cache, layer)
         return state
 
-    def recur(self, state, embedded, rope, attn_mask, cache, steps_no_grad: int, steps_with_grad: int):
+    def recur(self, state, embedded, rope, attn_mask, cache, steps_no_grad: int, steps_with_grad: int,
+              readout_steps: tuple[int, ...] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The heart of Huginn: apply the core `steps_no_grad + steps_with_grad` times; only the last
-        `steps_with_grad` steps are recorded for backprop (truncated BPTT), each checkpointed when enabled."""
+        `steps_with_grad` steps are recorded for backprop (truncated BPTT), each checkpointed when enabled. Returns the
+        final state and the states after each of `readout_steps` (counts of steps done), in that order."""
+        kept = {}
         with torch.no_grad():
             for step in range(steps_no_grad):
                 state = self.core_step(state, embedded, rope, attn_mask, cache, step)
+                if step + 1 in readout_steps:
+                    kept[step + 1] = state
         checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for step in range(steps_no_grad, steps_no_grad + steps_with_grad):
             if checkpointed:  # keep only the step's input; recompute its blocks in backward
                 state = checkpoint(self.core_step, state, embedded, rope, attn_mask, cache, step, use_reentrant=False)
             else:
                 state = self.core_step(state, embedded, rope, attn_mask, cache, step)
-        return state
+            if step + 1 in readout_steps:
+                kept[step + 1] = state
+        return state, [kept[step] for step in readout_steps]
 
     def forward(
         self,
@@ -538,12 +545,16 @@ class HuginnModel(HuginnPreTrainedModel):
         input_states: torch.Tensor | None = None,
         init_state: str = "random",
         state_seeds: torch.LongTensor | None = None,
+        readout_steps: tuple[int, ...] | None = None,
         **kwargs,
     ) -> HuginnModelOutput:
         """input_ids (batch, seq); attention_mask (batch, past + seq), 1 = real token, any padding side, or a boolean
         (batch, 1, seq, past + seq) matrix of the keys each query may see (e.g. packed sequences; needs position_ids);
         num_steps: int n (n steps), (no_grad, with_grad), or None (sampled in training, mean_recurrence in eval);
-        input_states (batch, seq, n_embd) starts the recurrence instead of `init_state` ("random" or "zero")."""
+        input_states (batch, seq, n_embd) starts the recurrence instead of `init_state` ("random" or "zero");
+        readout_steps: earlier steps (each below the depth) whose states also go through the coda: last_hidden_state
+        is then (len(readout_steps) + 1) * batch rows, the read-out after readout_steps[i] in rows
+        [i * batch, (i + 1) * batch) and the final one last (depth-aware GRPO scores them all in one forward)."""
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)
         batch, seq = inputs_embeds.shape[:2]
@@ -558,8 +569,14 @@ class HuginnModel(HuginnPreTrainedModel):
         state = input_states if input_states is not None else self.initial_state(
             embedded, position_ids, init_state, state_seeds)
         steps = self.resolve_num_steps(num_steps)
-        state = self.recur(state.to(embedded.dtype), embedded, rope, attn_mask, cache, *steps)
+        readout_steps = tuple(readout_steps or ())
+        if readout_steps and (cache is not None or not all(0 < k < sum(steps) for k in readout_steps)):
+            raise ValueError(f"readout_steps {readout_steps}: each must lie in [1, {sum(steps) - 1}] (the depth is "
+                             f"{sum(steps)}), without a KV cache")
+        state, earlier = self.recur(state.to(embedded.dtype), embedded, rope, attn_mask, cache, *steps, readout_steps)
         x = self.coda_pass(state, rope, attn_mask, cache)
+        if earlier:
+            x = torch.cat([*(self.coda_pass(s, rope, attn_mask, cache) for s in earlier), x])
         if cache is not None:
             cache.length += seq
         self.last_num_steps = steps  # read by training callbacks that log the sampled depth

@@ -3,6 +3,7 @@
     python pipeline.py --output_dir outputs/pipeline
     python pipeline.py --output_dir outputs/pipeline-seed1 --seed 1
     python pipeline.py --output_dir outputs/pipeline --config configs/pipeline_tiny.yaml   # sizes and steps
+    python pipeline.py --output_dir outputs/pipeline-depth --grpo_variant depth_credit  # the config's grpo_variants
 
 Stages, each writing one subfolder of output_dir:
 
@@ -14,7 +15,8 @@ Stages, each writing one subfolder of output_dir:
     sft/     train_sft.py: LoRA (and the input embeddings) on base/, chat format, "3+4+5=12. \\boxed{12}"
     grpo/    train_grpo.py from the SFT adapter, correctness + format rewards
     eval/    evaluate.py compare mode on the GSM8K and MATH files: base, sft and grpo greedy at 1, 2, 4 and 8 recurrent
-             steps (eval/eval), and their mean correctness reward, sampled as in GRPO's rollouts (eval/eval_sampled)
+             steps (eval/eval), with adaptive exit and the mean steps it used (eval/eval_adaptive), and their mean
+             correctness reward, sampled as in GRPO's rollouts (eval/eval_sampled)
     report/  results.md (table, learning effects, timings), accuracy_vs_steps.png, training_curves.png
              (pretraining and SFT loss, GRPO reward)
 
@@ -51,12 +53,13 @@ import training
 REPO = Path(__file__).resolve().parent
 DEFAULT_CONFIG = REPO / "configs" / "pipeline_tiny.yaml"
 SECTION_CONFIGS = {"sft": "sft_tiny.yaml", "grpo": "grpo_tiny.yaml", "eval": "eval_tiny.yaml",
-                   "eval_sampled": "eval_tiny.yaml"}
+                   "eval_adaptive": "eval_tiny.yaml", "eval_sampled": "eval_tiny.yaml"}
+EVAL_SECTIONS = ("eval", "eval_adaptive", "eval_sampled")
 STAGE_FILE = "stage.json"  # written last: a stage folder without it is incomplete
 # The settings each stage depends on, earlier stages' included.
 STAGE_SETTINGS = {"data": [], "base": ["seed", "pretrain"], "sft": ["seed", "pretrain", "system_prompt", "sft"],
                   "grpo": ["seed", "pretrain", "system_prompt", "sft", "grpo"],
-                  "eval": ["seed", "pretrain", "system_prompt", "sft", "grpo", "eval", "eval_sampled"]}
+                  "eval": ["seed", "pretrain", "system_prompt", "sft", "grpo", *EVAL_SECTIONS]}
 
 
 @dataclass
@@ -164,11 +167,13 @@ def run_grpo(output_dir: Path, settings: dict) -> None:
 
 
 def run_eval(output_dir: Path, settings: dict) -> None:
-    """Greedy accuracy of base, SFT and GRPO across depths, then the mean correctness reward of SFT and GRPO:
-    accuracy of samples drawn as in GRPO's rollouts (temperature 1, its depth), what GRPO maximises."""
+    """Greedy accuracy of base, SFT and GRPO across depths and with adaptive exit, then the mean correctness reward
+    of SFT and GRPO: accuracy of samples drawn as in GRPO's rollouts (temperature 1, its depth), what GRPO
+    maximises."""
     adapters = [f"sft={output_dir / 'sft'}", f"grpo={output_dir / 'grpo'}"]
     benchmarks = [str(output_dir / "data" / name) for name in ("gsm8k_test.jsonl", "math_test.jsonl")]
-    for section, checkpoints in (("eval", ["base", *adapters]), ("eval_sampled", adapters)):
+    for section, checkpoints in (("eval", ["base", *adapters]), ("eval_adaptive", ["base", *adapters]),
+                                 ("eval_sampled", adapters)):
         eval_dir = output_dir / "eval" / section
         argv = stage_config(eval_dir, section, settings, {
             "model_name_or_path": str(output_dir / "base"), "output_dir": str(eval_dir), "adapters": checkpoints,
@@ -243,22 +248,40 @@ def run_effects(run_dir: Path) -> dict:
     effects["grpo_training_reward_rise"] = training_reward_rise(run_dir)
     depth = max(cell["num_steps"] for cell in greedy["results"])
     changes = greedy_changes(run_dir / "eval" / "eval" / "samples.jsonl", "sft", "grpo", depth)
+    steps = sorted({cell["num_steps"] for cell in greedy["results"]})
+    checkpoints = ("sft", "grpo")
+    adaptive = json.loads((run_dir / "eval" / "eval_adaptive" / "results.json").read_text())["results"]
     return {"run": run_dir.name, "seed": greedy["config"]["seed"], "torch": greedy["versions"]["torch"],
-            "effects": effects, "changes": changes}
+            "effects": effects, "changes": changes,
+            "greedy": {name: {n: pooled(greedy["results"], name, n) for n in steps} for name in checkpoints},
+            "mean_reward": {name: pooled(sampled["results"], name, depth) for name in checkpoints},
+            "adaptive": {name: adaptive_exit(adaptive, name) for name in checkpoints}}
 
 
-def results_table(greedy: list[dict], sampled: list[dict], temperature: float) -> str:
+def adaptive_exit(cells: list[dict], checkpoint: str) -> dict[str, float]:
+    """A checkpoint's greedy accuracy with adaptive exit and the mean recurrent steps its tokens used, pooled."""
+    group = [c for c in cells if c["checkpoint"] == checkpoint]
+    n = sum(c["n"] for c in group)
+    return {"accuracy": sum(c["accuracy"] * c["n"] for c in group) / n,
+            "mean_steps_used": sum(c["mean_steps_used"] * c["n"] for c in group) / n}
+
+
+def results_table(greedy: list[dict], adaptive: list[dict], sampled: list[dict], temperature: float) -> str:
     steps = sorted({cell["num_steps"] for cell in greedy})
     cell_of = {(c["checkpoint"], c["benchmark"], c["num_steps"]): c for c in greedy}
+    adaptive_of = {(c["checkpoint"], c["benchmark"]): c for c in adaptive}
     reward_of = {(c["checkpoint"], c["benchmark"]): c for c in sampled}
     depth, samples = sampled[0]["num_steps"], sampled[0]["samples_per_problem"]
     lines = ["| checkpoint | benchmark | n | " + " | ".join(f"greedy, {n} step{'s' * (n > 1)}" for n in steps)
-             + f" | mean reward, {depth} steps |", "|---|---|---|" + "---|" * (len(steps) + 1)]
+             + f" | adaptive exit (≤ {adaptive[0]['num_steps']}): accuracy, mean steps | mean reward, {depth} steps |",
+             "|---|---|---|" + "---|" * (len(steps) + 2)]
     for checkpoint, benchmark in dict.fromkeys((c["checkpoint"], c["benchmark"]) for c in greedy):
         row = [cell_of[checkpoint, benchmark, n] for n in steps]
+        exits = adaptive_of[checkpoint, benchmark]
         reward = reward_of.get((checkpoint, benchmark))  # the base has none: it never saw the chat format
         lines.append(f"| {checkpoint} | {benchmark} | {row[0]['n']} | "
                      + " | ".join(f"{100 * cell['accuracy']:.1f}%" for cell in row)
+                     + f" | {100 * exits['accuracy']:.1f}%, {exits['mean_steps_used']:.2f}"
                      + (f" | {reward['accuracy']:.3f} |" if reward else " | |"))
     table = "\n".join(lines)
     effects = "\n".join(f"- {name}: {100 * value:+.1f} points"
@@ -290,17 +313,20 @@ def plot_training_curves(output_dir: Path, path: Path) -> None:
 def write_report(output_dir: Path, seconds: dict[str, float]) -> Path:
     report_dir = output_dir / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
-    greedy, sampled = (json.loads((output_dir / "eval" / section / "results.json").read_text())
-                       for section in ("eval", "eval_sampled"))
+    greedy, adaptive, sampled = (json.loads((output_dir / "eval" / section / "results.json").read_text())
+                                 for section in EVAL_SECTIONS)
     shutil.copy(output_dir / "eval" / "eval" / "accuracy_vs_steps.png", report_dir / "accuracy_vs_steps.png")
     plot_training_curves(output_dir, report_dir / "training_curves.png")
     timings = ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items())
     depth = max(cell["num_steps"] for cell in greedy["results"])
     changes = greedy_changes(output_dir / "eval" / "eval" / "samples.jsonl", "sft", "grpo", depth)
+    temperature = sampled["config"]["temperature"]
     (report_dir / "results.md").write_text(
         f"# Tiny pipeline results ({date.today()}, seed {greedy['config']['seed']})\n\n"
-        f"Accuracy on the held-out tiny sums by recurrent steps (greedy), and mean correctness reward.\n\n"
-        f"{results_table(greedy['results'], sampled['results'], sampled['config']['temperature'])}\n\n"
+        f"Accuracy on the held-out tiny sums by recurrent steps (greedy), with adaptive exit (a token stops "
+        f"recurring once its next-token distribution moves by a KL below {adaptive['config']['exit_threshold']:g}), "
+        f"and mean correctness reward.\n\n"
+        f"{results_table(greedy['results'], adaptive['results'], sampled['results'], temperature)}\n\n"
         f"GRPO against SFT, greedy at {depth} steps, problem by problem: {changes['fixed']} fixed, "
         f"{changes['broken']} broken of {changes['n']} ({100 * changes['difference']:+.1f} points, 95% interval "
         f"{100 * changes['ci95_low']:+.1f} to {100 * changes['ci95_high']:+.1f}).\n\n"
@@ -314,10 +340,17 @@ def write_report(output_dir: Path, seconds: dict[str, float]) -> Path:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def load_settings(path: Path) -> dict:
-    """The pipeline config. Unknown or missing sections and unknown pretraining keys fail here, not after the
-    earlier stages have run; the stage sections' keys are checked by the scripts' own parsers."""
+def load_settings(path: Path, grpo_variants: list[str] = ()) -> dict:
+    """The pipeline config, with the named `grpo_variants` applied to its grpo section in order. Unknown or missing
+    sections, variants and pretraining keys fail here, not after the earlier stages have run; the stage sections'
+    keys are checked by the scripts' own parsers."""
     settings = yaml.safe_load(path.read_text())
+    variants = settings.pop("grpo_variants", {})
+    unknown = [name for name in grpo_variants if name not in variants]
+    if unknown:
+        raise ValueError(f"{path}: unknown grpo_variants {unknown}; the config has {sorted(variants)}")
+    for name in grpo_variants:
+        settings["grpo"] = {**settings["grpo"], **variants[name]}
     expected = {"seed", "system_prompt", "pretrain", *SECTION_CONFIGS}
     if set(settings) != expected:
         raise ValueError(f"{path}: unknown sections {sorted(set(settings) - expected)}, "
@@ -330,7 +363,7 @@ def load_settings(path: Path) -> dict:
 
 
 def main(args: argparse.Namespace) -> Path:
-    settings = load_settings(Path(args.config))
+    settings = load_settings(Path(args.config), args.grpo_variant)
     if args.seed is not None:
         settings["seed"] = args.seed
     print(f"pipeline settings:\n{yaml.safe_dump(settings, sort_keys=False)}", flush=True)
@@ -363,6 +396,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output_dir", required=True, help="one subfolder per stage, the report in report/")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="seed, system prompt and each stage's settings")
     parser.add_argument("--seed", type=int, default=None, help="overrides the config's seed")
+    parser.add_argument("--grpo_variant", nargs="+", default=[],
+                        help="names in the config's grpo_variants: their settings override the grpo section's, in "
+                             "order (e.g. depth_credit, or depth_credit lora_only)")
     return parser.parse_args(argv)
 
 

@@ -30,6 +30,16 @@ How this departs from GRPO as published (DeepSeekMath, then DeepSeek-R1-Zero):
   `lora_dropout` is switched off). Trainable weights stay fp32 under an NF4 base (TRL would cast them to bf16).
 - Loss and advantage defaults are TRL's (`loss_type: dapo`-style token-level normalisation, group-scaled
   rewards); `beta: 0.0` by default as in DAPO / Dr. GRPO, set it > 0 for the KL term.
+- Depth credit (`depth_credit_fractions`, off by default): GRPO credits only the distribution read out after the
+  last recurrent step. With depth credit the loss also scores every completion token read out (coda and head) from
+  the states after earlier steps, with the same advantages, weighted by `depth_credit_weights` relative to the
+  final read-out's 1. Those tokens were sampled from the final read-out, so the earlier terms are not the policy
+  gradient of the earlier read-outs' own reward (that would need their ratio to the final read-out, p_k / p_final,
+  whose variance at shallow depths is unbounded): they carry the final read-out's importance ratio, clipping and
+  sampler weight, and push the earlier read-outs toward the group's above-average completions and away from its
+  below-average ones. The KL term (beta > 0) reaches them the same way. The loss value reported is the final
+  read-out's. A read-out before the backprop window trains only what comes after the recurrence (coda, norm,
+  head): set `backprop_steps` to cover the credited steps.
 - Rewards: math-verify correctness (1/0) plus a small format reward; a reward function that raises or times out
   gives that completion 0 and a counted warning instead of stopping the run.
 """
@@ -100,6 +110,13 @@ class ScriptArguments(SafetyArguments):
     rollout_diffusion_inner_steps: int = field(default=4, metadata={"help": "diffusion: recurrent steps per wave"})
     rollout_diffusion_max_wavefront: int = field(
         default=16, metadata={"help": "diffusion: positions of a completion recurring together, at most"})
+    depth_credit_fractions: list[float] = field(
+        default_factory=list, metadata={"help": "depth-aware GRPO: the loss also scores each completion read out "
+                                        "after these fractions of the round's depth (0.125 0.25 0.5 at 8 steps: after "
+                                        "steps 1, 2 and 4), with the same advantages; empty: plain GRPO"})
+    depth_credit_weights: list[float] = field(
+        default_factory=list, metadata={"help": "weight of each earlier read-out's term, relative to the final "
+                                        "read-out's 1 (one per fraction)"})
     final_norm_learning_rate: float = field(
         default=0.0, metadata={"help": "> 0: also train the final RMSNorm's gain (transformer.ln_f, saved with the "
                                        "adapter) at this rate: the one weight that sets the logits' scale"})
@@ -113,7 +130,10 @@ class HuginnGRPOTrainer(SafeTrainerMixin, GRPOTrainer):
 
     def __init__(self, *args, rollout_num_steps: list[int], backprop_steps: int, state_seed: int,
                  final_norm_learning_rate: float = 0.0, rollout_batch_size: int | None = None,
-                 rollout_diffusion: DiffusionSettings | None = None, **kwargs):
+                 rollout_diffusion: DiffusionSettings | None = None,
+                 depth_credit: dict[float, float] | None = None, **kwargs):
+        self.depth_credit = check_depth_credit(depth_credit or {})
+        self.credit: dict[int, float] = {}  # read-out step -> weight, set only around the policy's loss forward
         for depth in rollout_num_steps if rollout_diffusion is not None else []:
             rollout_diffusion.check_depth(depth)
         self.rollout_diffusion = rollout_diffusion
@@ -217,14 +237,24 @@ class HuginnGRPOTrainer(SafeTrainerMixin, GRPOTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self.loss_tokens += (inputs["prompt_mask"].sum() + inputs["completion_mask"].sum()).item()
-        with self.recurrence(int(inputs["rollout_num_steps"][0])):
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        depth = int(inputs["rollout_num_steps"][0])
+        self.credit = credit_steps(self.depth_credit, depth)
+        try:
+            with self.recurrence(depth):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        finally:
+            self.credit = {}
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **multimodal):
         """TRL's per-token log-probs (and entropies) of the completions, (batch, logits_to_keep), computed on packed
         rows (`pack_shared_prompts`): a prompt's samples share one pass over it and completions carry no padding.
-        Each of TRL's three forwards (loss, KL reference, sampler scoring) goes through here."""
+        Each of TRL's three forwards (loss, KL reference, sampler scoring) goes through here.
+
+        With depth credit (in the loss forward only: `self.credit`), the same forward also reads out the states after
+        the credited steps, and the log-probs returned are the final read-out's plus, per credited step k,
+        w_k * (logp_k - logp_k.detach()): the same values (so TRL's ratios, clipping, KL and metrics are the final
+        read-out's), and the gradient of TRL's loss gains w_k times that loss's gradient through read-out k."""
         if compute_aux_loss or any(value is not None for value in multimodal.values()):  # not a Huginn input
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
@@ -234,15 +264,33 @@ class HuginnGRPOTrainer(SafeTrainerMixin, GRPOTrainer):
         logps, entropies = [], []
         for start in range(0, rows, chunk_rows):
             end = min(start + chunk_rows, rows)
-            packed = pack_shared_prompts(input_ids[start:end], attention_mask[start:end], logits_to_keep,
-                                         self.processing_class.pad_token_id)
-            with self.accelerator.autocast():
-                outputs = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
-                                position_ids=packed.position_ids, labels=packed.labels, fused_lm_head=True)
-            logps.append(packed.unpack(outputs.log_probs))
+            readouts, entropy = self.readout_logps(model, input_ids[start:end], attention_mask[start:end],
+                                                   logits_to_keep, tuple(self.credit))
+            final = readouts.pop()
+            logps.append(final + sum(weight * (logp - logp.detach())
+                                     for weight, logp in zip(self.credit.values(), readouts, strict=True)))
             if compute_entropy:
-                entropies.append(packed.unpack(outputs.entropy))
+                entropies.append(entropy)
+            for step, logp in zip(self.credit, readouts, strict=True):  # training curves of the earlier read-outs
+                scored = logp.detach()[attention_mask[start:end, -logits_to_keep:].bool()]
+                mode = "train" if self.model.training else "eval"
+                self._metrics[mode][f"depth_credit/logp_step_{step}"].append(scored.mean().item())
         return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
+
+    def readout_logps(self, model, input_ids, attention_mask, logits_to_keep: int, readout_steps: tuple[int, ...]):
+        """Per-token log-probs (batch, logits_to_keep) of the completions read out after each of `readout_steps`
+        and, last, after the full depth, from one forward over packed rows (`pack_shared_prompts`): a list, and the
+        final read-out's entropies. The earlier read-outs come from the same recurrence (HuginnModel's
+        `readout_steps`), so each costs one more coda and head pass, not a forward."""
+        packed = pack_shared_prompts(input_ids, attention_mask, logits_to_keep, self.processing_class.pad_token_id)
+        extra = {"readout_steps": readout_steps} if readout_steps else {}
+        with self.accelerator.autocast():  # the read-outs are stacked on the batch dimension: labels repeated
+            outputs = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
+                            position_ids=packed.position_ids, labels=packed.labels.repeat(len(readout_steps) + 1, 1),
+                            fused_lm_head=True, **extra)
+        readouts = [packed.unpack(logp) for logp in outputs.log_probs.chunk(len(readout_steps) + 1)]
+        entropy = outputs.entropy.chunk(len(readout_steps) + 1)[-1] if outputs.entropy is not None else None
+        return readouts, None if entropy is None else packed.unpack(entropy)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """Logs the time of the loss forward and backward alone (a step that starts a round also generates)."""
@@ -325,6 +373,25 @@ def sampler_kl(output: dict) -> torch.Tensor:
     log_ratio = output["old_per_token_logps"] - output["sampling_per_token_logps"]
     mask = output["completion_mask"].bool()
     return (log_ratio.exp() - 1 - log_ratio)[mask].mean()
+
+
+def check_depth_credit(depth_credit: dict[float, float]) -> dict[float, float]:
+    """{fraction of the depth: weight}, checked: fractions in (0, 1), weights >= 0."""
+    for fraction, weight in depth_credit.items():
+        if not 0 < fraction < 1 or weight < 0:
+            raise ValueError(f"depth credit {fraction}: {weight}: fractions must lie in (0, 1) and weights be >= 0")
+    return dict(sorted(depth_credit.items()))
+
+
+def credit_steps(depth_credit: dict[float, float], depth: int) -> dict[int, float]:
+    """{recurrent step: weight} of the earlier read-outs at `depth`: each fraction rounded to a step in
+    [1, depth - 1]; fractions that land on one step add their weights. Empty at depth 1 (no earlier state)."""
+    steps: dict[int, float] = {}
+    for fraction, weight in depth_credit.items():
+        if depth > 1:
+            step = min(depth - 1, max(1, round(fraction * depth)))
+            steps[step] = steps.get(step, 0.0) + weight
+    return steps
 
 
 def disable_lora_dropout(model) -> None:
@@ -489,8 +556,20 @@ def build_trainer(script_args: ScriptArguments, training_args: GRPOConfig, model
         backprop_steps=script_args.backprop_steps, state_seed=script_args.state_seed,
         final_norm_learning_rate=script_args.final_norm_learning_rate,
         rollout_batch_size=script_args.rollout_batch_size, rollout_diffusion=rollout_diffusion(script_args),
+        depth_credit=depth_credit(script_args),
         max_consecutive_nonfinite=script_args.max_consecutive_nonfinite,
     )
+
+
+def depth_credit(script_args: ScriptArguments) -> dict[float, float]:
+    """{fraction of the depth: weight} of `depth_credit_fractions` / `depth_credit_weights`."""
+    fractions, weights = script_args.depth_credit_fractions, script_args.depth_credit_weights
+    if len(fractions) != len(weights):
+        raise ValueError(f"depth_credit_fractions {fractions} and depth_credit_weights {weights}: one weight per "
+                         "fraction")
+    if len(set(fractions)) != len(fractions):
+        raise ValueError(f"depth_credit_fractions {fractions}: each fraction once")
+    return dict(zip(fractions, weights, strict=True))
 
 
 def rollout_diffusion(script_args: ScriptArguments) -> DiffusionSettings | None:
