@@ -954,6 +954,16 @@ correctness_reward = make_correctness_reward()
 format_reward = make_format_reward()
 
 
+def step_saving_reward(completions: list, answer: list, mean_steps_used: list[float],
+                       rollout_num_steps: list[int], **kwargs: Any) -> list[float | None]:
+    """Compute-aware reward for rollouts decoded with adaptive exit: a right answer earns the fraction of the
+    recurrent depth its tokens skipped, 1 - mean_steps_used / rollout_num_steps; a wrong one earns 0 however quick
+    (speed must not pay for itself); None where correctness cannot be graded. train_grpo.py passes the steps."""
+    correct = correctness_reward(completions, answer, **kwargs)
+    return [None if right is None else right * (1.0 - steps / depth)
+            for right, steps, depth in zip(correct, mean_steps_used, rollout_num_steps, strict=True)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Grade one completion against a gold answer.")
     parser.add_argument("--gold", required=True, help="gold answer, or a GSM8K / MATH solution")

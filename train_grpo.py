@@ -40,7 +40,8 @@ How this departs from GRPO as published (DeepSeekMath, then DeepSeek-R1-Zero):
   below-average ones. The KL term (beta > 0) reaches them the same way. The loss value reported is the final
   read-out's. A read-out before the backprop window trains only what comes after the recurrence (coda, norm,
   head): set `backprop_steps` to cover the credited steps.
-- Rewards: math-verify correctness (1/0) plus a small format reward; a reward function that raises or times out
+- Rewards: math-verify correctness (1/0) plus a small format reward (`step_saving`, with adaptive-exit rollouts:
+  a bonus for a right answer in fewer recurrent steps); a reward function that raises or times out
   gives that completion 0 and a counted warning instead of stopping the run.
 """
 
@@ -97,7 +98,7 @@ class ScriptArguments(SafetyArguments):
     state_seed: int = field(default=0, metadata={"help": "seed of the initial latent state (rollout = loss)"})
     reward_funcs: list[str] = field(
         default_factory=lambda: ["correctness", "format"],
-        metadata={"help": "from correctness, format, length_penalty; weights: reward_weights"})
+        metadata={"help": "from correctness, format, length_penalty, step_saving; weights: reward_weights"})
     length_penalty_margin: int = field(
         default=64, metadata={"help": "length_penalty falls from 0 to -1 over the last this many tokens"})
     rollout_batch_size: int | None = field(
@@ -117,6 +118,10 @@ class ScriptArguments(SafetyArguments):
     depth_credit_weights: list[float] = field(
         default_factory=list, metadata={"help": "weight of each earlier read-out's term, relative to the final "
                                         "read-out's 1 (one per fraction)"})
+    rollout_exit_threshold: float | None = field(
+        default=None, metadata={"help": "rollouts decode with adaptive exit at this KL threshold (HuginnEngine's "
+                                        "exit_threshold; the reward functions get each completion's mean_steps_used); "
+                                        "needs vllm_importance_sampling_correction"})
     final_norm_learning_rate: float = field(
         default=0.0, metadata={"help": "> 0: also train the final RMSNorm's gain (transformer.ln_f, saved with the "
                                        "adapter) at this rate: the one weight that sets the logits' scale"})
@@ -131,7 +136,8 @@ class HuginnGRPOTrainer(SafeTrainerMixin, GRPOTrainer):
     def __init__(self, *args, rollout_num_steps: list[int], backprop_steps: int, state_seed: int,
                  final_norm_learning_rate: float = 0.0, rollout_batch_size: int | None = None,
                  rollout_diffusion: DiffusionSettings | None = None,
-                 depth_credit: dict[float, float] | None = None, **kwargs):
+                 depth_credit: dict[float, float] | None = None, rollout_exit_threshold: float | None = None,
+                 **kwargs):
         self.depth_credit = check_depth_credit(depth_credit or {})
         self.credit: dict[int, float] = {}  # read-out step -> weight, set only around the policy's loss forward
         for depth in rollout_num_steps if rollout_diffusion is not None else []:
@@ -140,7 +146,11 @@ class HuginnGRPOTrainer(SafeTrainerMixin, GRPOTrainer):
         self.final_norm_learning_rate = final_norm_learning_rate
         super().__init__(*args, **kwargs)
         self.rollout_num_steps, self.backprop_steps, self.state_seed = rollout_num_steps, backprop_steps, state_seed
-        self.rollout_batch_size = rollout_batch_size
+        self.rollout_batch_size, self.rollout_exit_threshold = rollout_batch_size, rollout_exit_threshold
+        self.rollout_steps_used: list[float] = []  # of the current round's completions: mean steps per token
+        if rollout_exit_threshold is not None and not self.vllm_importance_sampling_correction:
+            raise ValueError("rollout_exit_threshold: rollouts then sample tokens from their exit step's read-out, "
+                             "not the loss's full-depth forward; set vllm_importance_sampling_correction: true")
         self.rollout_seconds, self.loss_tokens = 0.0, 0  # of the current training step, for the time split
         if self.args.use_vllm:
             raise ValueError("use_vllm: vLLM has no Huginn model; rollouts decode with the model itself")
@@ -207,7 +217,7 @@ class HuginnGRPOTrainer(SafeTrainerMixin, GRPOTrainer):
             # dequantization) in every block pass of every token. It matches the model to rounding (tested).
             sampler = pick_generation_model(model, rows, max_length, slots, dtype=backbone.compute_dtype)
             engine = HuginnEngine(sampler, max_batch_size=rows, kv_cache_slots=slots, max_length=max_length,
-                                  diffusion=self.rollout_diffusion)
+                                  exit_threshold=self.rollout_exit_threshold, diffusion=self.rollout_diffusion)
             try:
                 result = engine.generate(prompt_ids, num_steps=depth, max_new_tokens=self.max_completion_length,
                                          eos_token_ids=self.eos_token_ids, do_sample=True,
@@ -216,7 +226,17 @@ class HuginnGRPOTrainer(SafeTrainerMixin, GRPOTrainer):
                                          sampling_seeds=sampling_seeds)
             finally:
                 engine.close()
+        self.rollout_steps_used = [sum(steps) / max(len(steps), 1) for steps in result.steps_used]
         return result.tokens, result.logprobs
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        """TRL's, with each completion's recurrence among the reward functions' keyword arguments: `mean_steps_used`
+        (recurrent steps per token; below the depth only with adaptive exit) and `rollout_num_steps` (the round's
+        depth)."""
+        depth = sum(huginn_backbone(self.model).resolve_num_steps(None))
+        inputs = [{**row, "mean_steps_used": steps, "rollout_num_steps": depth}
+                  for row, steps in zip(inputs, self.rollout_steps_used, strict=True)]
+        return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
 
     def _generate_and_score_completions(self, inputs):
         depth, start = self.round_depth(), time.perf_counter()
@@ -229,6 +249,9 @@ class HuginnGRPOTrainer(SafeTrainerMixin, GRPOTrainer):
         self._metrics[mode]["rollout/seconds"].append(seconds)
         self._metrics[mode]["rollout/tokens_per_second"].append(completion_tokens / seconds)
         self._metrics[mode]["rollout/num_steps"].append(depth)
+        if self.rollout_exit_threshold is not None:  # recurrent steps per token with adaptive exit (this process's)
+            steps = self.rollout_steps_used
+            self._metrics[mode]["rollout/mean_steps_used"].append(sum(steps) / max(len(steps), 1))
         if "old_per_token_logps" in output:  # the sampler-mismatch correction ran
             self._metrics[mode]["sampling/kl"].append(self.accelerator.gather(sampler_kl(output)).mean().item())
         # travels with the rows through TRL's shuffling and splitting into micro-batches
@@ -433,6 +456,7 @@ def build_reward_funcs(names: list[str], max_completion_length: int, length_marg
         "correctness": lambda: rewards.correctness_reward,
         "format": lambda: rewards.format_reward,
         "length_penalty": lambda: rewards.make_length_penalty(max_completion_length, length_margin),
+        "step_saving": lambda: rewards.step_saving_reward,
     }
     unknown = sorted(set(names) - set(available))
     if unknown:
@@ -556,7 +580,7 @@ def build_trainer(script_args: ScriptArguments, training_args: GRPOConfig, model
         backprop_steps=script_args.backprop_steps, state_seed=script_args.state_seed,
         final_norm_learning_rate=script_args.final_norm_learning_rate,
         rollout_batch_size=script_args.rollout_batch_size, rollout_diffusion=rollout_diffusion(script_args),
-        depth_credit=depth_credit(script_args),
+        depth_credit=depth_credit(script_args), rollout_exit_threshold=script_args.rollout_exit_threshold,
         max_consecutive_nonfinite=script_args.max_consecutive_nonfinite,
     )
 

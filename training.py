@@ -371,6 +371,9 @@ LIBRARY_INTERNALS = (
                     ("prompt_ids", "images", "multimodal_fields", "num_generations", "has_tool_images"),
                     "HuginnGRPOTrainer", "replaces TRL's vLLM / transformers generation: HuginnEngine decodes the "
                     "rollouts and returns (completion token ids, their log-probs), as vLLM's path does"),
+    LibraryInternal("trl.GRPOTrainer", "_calculate_rewards",
+                    ("inputs", "prompts", "completions", "completion_ids_list"), "HuginnGRPOTrainer",
+                    "adds each completion's mean_steps_used and the round's depth to the reward functions' arguments"),
     LibraryInternal("trl.GRPOTrainer", "_generate_and_score_completions", ("inputs",), "HuginnGRPOTrainer",
                     "fixes the round's depth and initial state around rollout and scoring; logs rollout metrics"),
     LibraryInternal("trl.GRPOTrainer", "_get_per_token_logps_and_entropies",

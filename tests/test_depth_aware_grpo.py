@@ -1,10 +1,12 @@
-"""Depth-aware GRPO (train_grpo.py `depth_credit_*`): the earlier read-outs are the model's forward at that depth,
-the option reduces to plain GRPO when the earlier weights are 0, and its weights enter the gradient linearly."""
+"""Depth-aware GRPO (train_grpo.py): depth credit's earlier read-outs are the model's forward at that depth, the
+option reduces to plain GRPO when the earlier weights are 0, and its weights enter the gradient linearly; adaptive-exit
+rollouts hand each completion's steps to the rewards, and the step-saving reward pays only right answers."""
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import rewards
 import tiny
 import train_grpo
 from tests.test_grpo import generation_round, grpo_args
@@ -95,3 +97,35 @@ def test_depth_credit_arguments_are_checked(tmp_path):
     with pytest.raises(ValueError, match="one weight per fraction"):
         train_grpo.build_trainer(*grpo_args(tmp_path, "--depth_credit_fractions", "0.5", "0.25",
                                             "--depth_credit_weights", "1.0"))
+
+
+def test_step_saving_reward_pays_right_answers_for_the_steps_they_skip():
+    completions = [[{"role": "assistant", "content": text}] for text in ("\\boxed{7}", "\\boxed{8}", "\\boxed{7}")]
+    scores = rewards.step_saving_reward(completions, answer=["7", "7", "7"], mean_steps_used=[2.0, 2.0, 8.0],
+                                        rollout_num_steps=[8, 8, 8])
+    assert scores == [0.75, 0.0, 0.0]
+
+
+def test_adaptive_exit_rollouts_hand_their_steps_to_the_rewards(tmp_path):
+    """rollout_exit_threshold: rollouts exit early (with a threshold above any step's KL, every token after its
+    first step; a completion's first token comes from the prompt's prefill, at full depth), the reward functions get
+    each completion's mean_steps_used and the depth; the sampler correction is required, since exited tokens were
+    not sampled from the loss's full-depth forward."""
+    seen = {}
+
+    def spy(completions, mean_steps_used, rollout_num_steps, **kwargs):
+        seen.update(steps=mean_steps_used, depth=rollout_num_steps)
+        return [0.0] * len(completions)
+
+    args = grpo_args(tmp_path, "--rollout_num_steps", "6", "--rollout_exit_threshold", "1e9", "--reward_weights", "1",
+                     "--vllm_importance_sampling_correction", "true")
+    trainer = train_grpo.build_trainer(*args, reward_funcs=[spy])
+    output = generation_round(trainer)
+    lengths = output["completion_mask"].sum(1).tolist()  # the first token comes from the prefill, at full depth
+    assert seen["steps"] == pytest.approx([(6 + n - 1) / n for n in lengths]) and seen["depth"] == [6] * len(lengths)
+    plain = train_grpo.build_trainer(*grpo_args(tmp_path, "--rollout_num_steps", "6", "--reward_weights", "1"),
+                                     reward_funcs=[spy])
+    generation_round(plain)
+    assert seen["steps"] == [6.0] * len(output["prompt_ids"])  # without adaptive exit: the full depth
+    with pytest.raises(ValueError, match="vllm_importance_sampling_correction"):
+        train_grpo.build_trainer(*grpo_args(tmp_path, "--rollout_exit_threshold", "1e-3"))
