@@ -792,6 +792,7 @@ def main(args: EvalArguments, backends: dict[str, Backend] | None = None) -> lis
                  if "lm_eval_strict" in cell else "")
         gsm8k += (f"  minerva exact match {100 * cell['minerva_exact_match']:.2f} equivalent "
                   f"{100 * cell['minerva_equivalent']:.2f}" if "minerva_exact_match" in cell else "")
+        gsm8k += f"  mean steps used {cell['mean_steps_used']:.2f}" if "mean_steps_used" in cell else ""
         print(f"{cell['checkpoint']:>12} {cell['benchmark']:>14} steps {cell['num_steps']:>3}: "
               f"{100 * cell['accuracy']:6.2f}% [{100 * cell['ci95_low']:.1f}, {100 * cell['ci95_high']:.1f}] "
               f"n={cell['n']}{gsm8k}")

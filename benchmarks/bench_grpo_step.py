@@ -1,9 +1,12 @@
 """Where the time of one GRPO step goes, on the tiny default (CPU): rollout decode, grading, the sampler-mismatch
-scoring forward (when on), the loss forward, its backward, and the trainer's bookkeeping (the rest).
+scoring forward (when on), the loss forward, its backward, and the trainer's bookkeeping (the rest); and the memory
+the loss forward keeps for backward (its saved activations, each storage counted once).
 
     python pipeline.py --output_dir outputs/pipeline                                   # once: base + SFT adapter
     python benchmarks/bench_grpo_step.py --pipeline_dir outputs/pipeline --steps 8     # its GRPO stage's settings
     python benchmarks/bench_grpo_step.py --steps 4                                      # random tiny model, fresh LoRA
+    python benchmarks/bench_grpo_step.py --pipeline_dir outputs/pipeline --steps 8 -- --backprop_steps 8 \
+        --depth_credit_fractions 0.125 0.25 0.5 --depth_credit_weights 0.333 0.333 0.333  # depth credit's cost
 
 The first step (warm-up: grading workers start, allocations) is left out of the means. Results: results_grpo_step.md.
 """
@@ -46,6 +49,30 @@ def timed(trainer, method: str, seconds: dict) -> None:
     setattr(trainer, method, wrapper)
 
 
+def measure_saved_activations(trainer, saved_bytes: list[int]) -> None:
+    """Wrap trainer.compute_loss so each call appends the bytes of the tensors autograd saves for backward (distinct
+    storages only: a weight saved by several ops counts once), the loss's activation memory."""
+    original = trainer.compute_loss
+
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        storages = {}
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = original(*args, **kwargs)
+        frozen = sum(p.untyped_storage().nbytes() for p in trainer.model.parameters()
+                     if p.untyped_storage().data_ptr() in storages)
+        saved_bytes.append(sum(storages.values()) - frozen)  # activations, not the weights they multiply
+        return loss
+
+    trainer.compute_loss = wrapper
+
+
 def build(args):
     overrides = ["--output_dir", str(Path(args.output_dir) / "grpo"), "--max_steps", str(args.steps),
                  "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", *args.overrides]
@@ -82,6 +109,8 @@ def main(args) -> dict[str, float]:
             step_start[0] = now
 
     trainer.add_callback(StepTimer())
+    saved_bytes = []
+    measure_saved_activations(trainer, saved_bytes)
     trainer.train()
     measured = steps[1:] or steps
     mean = {key: sum(s.get(key, 0.0) for s in measured) / len(measured) for key in steps[0]}
@@ -91,6 +120,8 @@ def main(args) -> dict[str, float]:
     print(f"mean of steps 2..{len(steps)} ({os.cpu_count()} cores, {args.threads} threads):")
     for key in (*PHASES.values(), "loss backward", "bookkeeping", "step"):
         print(f"  {key:16s} {mean.get(key, 0.0):6.2f} s")
+    mean["saved_activations_mb"] = max(saved_bytes) / 2**20
+    print(f"  loss activations saved for backward, largest micro-batch: {mean['saved_activations_mb']:.1f} MB")
     return mean
 
 

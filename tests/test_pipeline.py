@@ -96,6 +96,27 @@ def test_unknown_section_or_pretrain_key_is_an_error(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_grpo_variants_override_the_grpo_section_in_order(tmp_path):
+    """Every variant in the config names real train_grpo.py arguments; variants apply in order; unknown names fail
+    before any stage runs."""
+    plain = pipeline.load_settings(pipeline.DEFAULT_CONFIG)
+    variants = yaml.safe_load(pipeline.DEFAULT_CONFIG.read_text())["grpo_variants"]
+    for name in variants:
+        settings = pipeline.load_settings(pipeline.DEFAULT_CONFIG, [name])
+        assert settings["grpo"] == {**plain["grpo"], **variants[name]}
+        argv = ["--config", "configs/grpo_tiny.yaml", "--output_dir", str(tmp_path)]
+        for key, value in settings["grpo"].items():
+            argv += [f"--{key}", *map(str, value if isinstance(value, list) else [value])]
+        script_args, training_args, _ = parse_args(train_grpo.ScriptArguments, train_grpo.GRPOConfig, argv)
+        for key, value in variants[name].items():  # each key reached a real argument
+            assert getattr(script_args, key, getattr(training_args, key, None)) == value, key
+    both = pipeline.load_settings(pipeline.DEFAULT_CONFIG, ["depth_credit", "lora_only"])["grpo"]
+    assert both["final_norm_learning_rate"] == 0.0 and both["depth_credit_fractions"]
+    with pytest.raises(ValueError, match="unknown grpo_variants \\['deep'\\]"):
+        pipeline.main(pipeline.parse_args(["--output_dir", str(tmp_path / "out"), "--grpo_variant", "deep"]))
+    assert not (tmp_path / "out").exists()
+
+
 BANDIT_STEPS = 30
 BANDIT_DIGITS = "1234"  # the SFT model starts its answer by restating the question's first digit: ~4 in 9 of these
 
