@@ -1,7 +1,9 @@
 """The tiny pipeline end to end (pretraining, SFT, GRPO, evaluation, report) shows the method's learning effects,
 and its config and stage bookkeeping behave."""
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,11 @@ import pipeline
 import sampling_gap
 import train_grpo
 from training import parse_args
+
+spec = importlib.util.spec_from_file_location(
+    "grpo_variants", Path(__file__).resolve().parents[1] / "benchmarks" / "grpo_variants.py")
+grpo_variants = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(grpo_variants)
 
 # Margins set from the measured spread (README, "The tiny pipeline": seeds 0-2, one and two threads, torch 2.13 CPU
 # and 2.14 CUDA builds; benchmarks/pipeline_spread.py). Measured: SFT - base +0.49..+0.58, 8 - 1 steps
@@ -94,6 +101,21 @@ def test_unknown_section_or_pretrain_key_is_an_error(tmp_path):
         with pytest.raises(ValueError, match=message):
             pipeline.main(pipeline.parse_args(["--output_dir", str(tmp_path / "out"), "--config", str(path)]))
     assert not (tmp_path / "out").exists()
+
+
+def test_report_has_adaptive_exit_and_variants_compare_seed_by_seed(pipeline_run, tmp_path):
+    """Adaptive exit is reported per checkpoint (accuracy, and mean steps used within the depth); the variant table
+    pairs runs by seed: a run against itself differs by 0 everywhere."""
+    output_dir, report_dir = pipeline_run
+    run = pipeline.run_effects(output_dir)
+    for checkpoint in ("sft", "grpo"):
+        assert 1 < run["adaptive"][checkpoint]["mean_steps_used"] < 8
+        assert abs(run["adaptive"][checkpoint]["accuracy"] - run["greedy"][checkpoint][8]) < 0.2
+    assert "adaptive exit (≤ 8): accuracy, mean steps" in (report_dir / "results.md").read_text()
+    for name in ("plain-seed0", "same-seed0"):
+        (tmp_path / name).symlink_to(output_dir)
+    text = grpo_variants.compare([tmp_path / "plain-seed0", tmp_path / "same-seed0"], "plain")
+    assert "| Δ same (seeds 0) | +0.0 [+0.0, +0.0] | +0.0 [+0.0, +0.0] |" in text
 
 
 def test_grpo_variants_override_the_grpo_section_in_order(tmp_path):
