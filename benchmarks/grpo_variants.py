@@ -4,15 +4,18 @@ mean per variant, and as the difference from a baseline variant seed by seed (th
 
     python pipeline.py --output_dir outputs/variants/plain-seed0 --seed 0
     python pipeline.py --output_dir outputs/variants/depth_credit-seed0 --seed 0 --grpo_variant depth_credit
-    python benchmarks/grpo_variants.py outputs/variants/*-seed* --baseline plain
+    python benchmarks/grpo_variants.py outputs/variants/*-seed* --baseline plain --plot outputs/variants/curves.png
 
 A run's variant is its folder name before "-seed" (variants joined by "+": depth_credit+lora_only).
 """
 
 import argparse
+import json
 import sys
 from collections import defaultdict
 from pathlib import Path
+
+import matplotlib
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -74,12 +77,37 @@ def compare(run_dirs: list[Path], baseline: str) -> str:
     return "\n".join(lines)
 
 
+def plot_training_reward(run_dirs: list[Path], path: Path) -> None:
+    """GRPO's training reward per step, the mean over each variant's seeds (a 5-step running mean)."""
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = defaultdict(list)
+    for run_dir in run_dirs:
+        history = json.loads((run_dir / "grpo" / "trainer_state.json").read_text())["log_history"]
+        curves[variant_of(run_dir)].append([entry["reward"] for entry in history if "reward" in entry])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for variant, runs in sorted(curves.items()):
+        mean = [sum(values) / len(values) for values in zip(*runs, strict=False)]
+        smooth = [sum(mean[max(0, i - 4):i + 1]) / len(mean[max(0, i - 4):i + 1]) for i in range(len(mean))]
+        ax.plot(range(1, len(smooth) + 1), smooth, label=f"{variant} ({len(runs)} seeds)")
+    ax.set(title="GRPO training reward (mean over seeds, 5-step running mean)", xlabel="step", ylabel="reward")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", type=Path, help="finished pipeline.py runs named <variant>-seed<N>")
     parser.add_argument("--baseline", default="plain", help="the variant the others are compared with, seed by seed")
+    parser.add_argument("--plot", type=Path, help="where to draw the training-reward curves (png)")
     args = parser.parse_args(argv)
     text = compare(args.run_dirs, args.baseline)
+    if args.plot:
+        plot_training_reward(args.run_dirs, args.plot)
     print(text)
     return text
 
