@@ -40,9 +40,10 @@ How this departs from GRPO as published (DeepSeekMath, then DeepSeek-R1-Zero):
   below-average ones. The KL term (beta > 0) reaches them the same way. The loss value reported is the final
   read-out's. A read-out before the backprop window trains only what comes after the recurrence (coda, norm,
   head): set `backprop_steps` to cover the credited steps.
-- Rewards: math-verify correctness (1/0) plus a small format reward (`step_saving`, with adaptive-exit rollouts:
-  a bonus for a right answer in fewer recurrent steps); a reward function that raises or times out
-  gives that completion 0 and a counted warning instead of stopping the run.
+- Rewards: math-verify correctness (1/0) plus a small format reward; optionally `step_saving`, a bonus for a right
+  answer in fewer recurrent steps, with rollouts that decode with adaptive exit (`rollout_exit_threshold`: an
+  approximate sampler, corrected as above). A reward function that raises or times out gives that completion 0 and
+  a counted warning instead of stopping the run.
 """
 
 import itertools
@@ -284,7 +285,7 @@ class HuginnGRPOTrainer(SafeTrainerMixin, GRPOTrainer):
                 **multimodal)
         rows = len(input_ids)
         chunk_rows = rows if batch_size is None else batch_size  # TRL's memory bound: samples per forward
-        logps, entropies = [], []
+        logps, entropies, mode = [], [], "train" if self.model.training else "eval"
         for start in range(0, rows, chunk_rows):
             end = min(start + chunk_rows, rows)
             readouts, entropy = self.readout_logps(model, input_ids[start:end], attention_mask[start:end],
@@ -296,7 +297,6 @@ class HuginnGRPOTrainer(SafeTrainerMixin, GRPOTrainer):
                 entropies.append(entropy)
             for step, logp in zip(self.credit, readouts, strict=True):  # training curves of the earlier read-outs
                 scored = logp.detach()[attention_mask[start:end, -logits_to_keep:].bool()]
-                mode = "train" if self.model.training else "eval"
                 self._metrics[mode][f"depth_credit/logp_step_{step}"].append(scored.mean().item())
         return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
 
