@@ -788,14 +788,14 @@ def main(args: EvalArguments, backends: dict[str, Backend] | None = None) -> lis
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     plot(cells, output_dir / "accuracy_vs_steps.png")
     for cell in cells:
-        gsm8k = (f"  lm-eval strict {100 * cell['lm_eval_strict']:.2f} flexible {100 * cell['lm_eval_flexible']:.2f}"
-                 if "lm_eval_strict" in cell else "")
-        gsm8k += (f"  minerva exact match {100 * cell['minerva_exact_match']:.2f} equivalent "
-                  f"{100 * cell['minerva_equivalent']:.2f}" if "minerva_exact_match" in cell else "")
-        gsm8k += f"  mean steps used {cell['mean_steps_used']:.2f}" if "mean_steps_used" in cell else ""
+        extras = (f"  lm-eval strict {100 * cell['lm_eval_strict']:.2f} flexible {100 * cell['lm_eval_flexible']:.2f}"
+                  if "lm_eval_strict" in cell else "")
+        extras += (f"  minerva exact match {100 * cell['minerva_exact_match']:.2f} equivalent "
+                   f"{100 * cell['minerva_equivalent']:.2f}" if "minerva_exact_match" in cell else "")
+        extras += f"  mean steps used {cell['mean_steps_used']:.2f}" if "mean_steps_used" in cell else ""
         print(f"{cell['checkpoint']:>12} {cell['benchmark']:>14} steps {cell['num_steps']:>3}: "
               f"{100 * cell['accuracy']:6.2f}% [{100 * cell['ci95_low']:.1f}, {100 * cell['ci95_high']:.1f}] "
-              f"n={cell['n']}{gsm8k}")
+              f"n={cell['n']}{extras}")
     print(f"wrote {output_dir / 'results.json'}, {samples_path}, {output_dir / 'accuracy_vs_steps.png'}")
     return cells
 

@@ -189,10 +189,11 @@ STAGES = {"data": run_data, "base": run_pretrain, "sft": run_sft, "grpo": run_gr
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def pooled(cells: list[dict], checkpoint: str, num_steps: int) -> float:
-    """Accuracy over both held-out files together (they hold the same kind of problem)."""
+def pooled(cells: list[dict], checkpoint: str, num_steps: int, key: str = "accuracy") -> float:
+    """Accuracy (or another per-problem mean, `key`) over both held-out files together (they hold the same kind of
+    problem)."""
     group = [c for c in cells if c["checkpoint"] == checkpoint and c["num_steps"] == num_steps]
-    return sum(c["accuracy"] * c["n"] for c in group) / sum(c["n"] for c in group)
+    return sum(c[key] * c["n"] for c in group) / sum(c["n"] for c in group)
 
 
 def learning_effects(greedy: list[dict], sampled: list[dict]) -> dict[str, tuple[str, float]]:
@@ -251,19 +252,13 @@ def run_effects(run_dir: Path) -> dict:
     steps = sorted({cell["num_steps"] for cell in greedy["results"]})
     checkpoints = ("sft", "grpo")
     adaptive = json.loads((run_dir / "eval" / "eval_adaptive" / "results.json").read_text())["results"]
+    exit_depth = adaptive[0]["num_steps"]
     return {"run": run_dir.name, "seed": greedy["config"]["seed"], "torch": greedy["versions"]["torch"],
             "effects": effects, "changes": changes,
             "greedy": {name: {n: pooled(greedy["results"], name, n) for n in steps} for name in checkpoints},
             "mean_reward": {name: pooled(sampled["results"], name, depth) for name in checkpoints},
-            "adaptive": {name: adaptive_exit(adaptive, name) for name in checkpoints}}
-
-
-def adaptive_exit(cells: list[dict], checkpoint: str) -> dict[str, float]:
-    """A checkpoint's greedy accuracy with adaptive exit and the mean recurrent steps its tokens used, pooled."""
-    group = [c for c in cells if c["checkpoint"] == checkpoint]
-    n = sum(c["n"] for c in group)
-    return {"accuracy": sum(c["accuracy"] * c["n"] for c in group) / n,
-            "mean_steps_used": sum(c["mean_steps_used"] * c["n"] for c in group) / n}
+            "adaptive": {name: {key: pooled(adaptive, name, exit_depth, key)
+                                for key in ("accuracy", "mean_steps_used")} for name in checkpoints}}
 
 
 def results_table(greedy: list[dict], adaptive: list[dict], sampled: list[dict], temperature: float) -> str:
